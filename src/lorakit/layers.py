@@ -1,0 +1,346 @@
+"""LoRA layers: a wrapper around an untouched base module plus named low-rank adapters.
+
+    x ──► base_layer ─────────────────────────────┐
+    │                                             (+) ──► h = W0 x + s · B(A(dropout(x)))
+    └──► dropout ──► A (r × k) ──► B (d × r) ──► ·s
+
+Every layer kind keeps the base module as ``base_layer`` and one ``Adapter`` per name in
+``adapters``; an adapter's tensors carry PEFT's names (``lora_A``, ``lora_B``,
+``lora_embedding_A``, ``lora_magnitude_vector``) so the file format is a fixed key table.
+``forward`` is pure math; what changes behaviour are the named calls (merge, unmerge,
+set_adapter, per_row, disabled), which edit the shared ``LoraState``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .kernels import LoraDeltaFunction, LoraLinearFunction, compute_dtype
+
+if TYPE_CHECKING:
+    from .config import LoraConfig
+    from .routing import Routing
+
+try:  # GPT-2 style Conv1D: weight stored (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = ()  # type: ignore[assignment]
+
+
+@dataclass
+class LoraState:
+    """What all LoRA layers of one model share: the adapters' configs and which are in use."""
+
+    configs: dict[str, LoraConfig] = field(default_factory=dict)
+    active: tuple[str, ...] = ()
+    disabled: bool = False
+    routing: Routing | None = None
+
+
+class Adapter(nn.Module):
+    """One named adapter of one layer: its factors, scale and dropout probability."""
+
+    def __init__(self, r: int, alpha: float, scaling: float, dropout: float) -> None:
+        super().__init__()
+        self.r, self.alpha, self.scaling, self.dropout = r, alpha, scaling, dropout
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(A, B) as matrices: A (r, k), B (d, r)."""
+        if hasattr(self, "lora_embedding_A"):
+            return self.lora_embedding_A, self.lora_embedding_B
+        a, b = self.lora_A.weight, self.lora_B.weight
+        return a.flatten(1), b.flatten(1)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}"
+
+
+class LoraLayer(nn.Module):
+    """Common machinery: named adapters, merge bookkeeping, and which adapters a forward uses."""
+
+    def __init__(self, base_layer: nn.Module, state: LoraState) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.merged: list[str] = []
+        object.__setattr__(self, "state", state)  # shared, not a submodule
+
+    # --- subclass hooks ---
+    def _make_adapter(self, r: int, alpha: float, scaling: float, dropout: float) -> Adapter:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> Tensor:
+        """scaling * B @ A in the base weight's layout, in float32."""
+        raise NotImplementedError
+
+    def _lora_forward(self, x: Tensor, names: list[str]) -> Tensor:
+        raise NotImplementedError
+
+    # --- adapters ---
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    def add_adapter(self, name: str, r: int, alpha: float, config: LoraConfig) -> Adapter:
+        scaling = config.scaling(r, alpha)
+        adapter = self._make_adapter(r, alpha, scaling, config.dropout)
+        ref = self.base_layer.weight
+        dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32
+        adapter.to(device=ref.device, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+        self.adapters[name] = adapter
+        self.reset_adapter(name, config.init)
+        return adapter
+
+    def reset_adapter(self, name: str, init: str = "default") -> None:
+        a, b = self.adapters[name].lora_A.weight, self.adapters[name].lora_B.weight
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(a, std=1 / self.adapters[name].r)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+
+    def active_unmerged(self) -> list[str]:
+        st = self.state
+        return [n for n in st.active if n in self.adapters and n not in self.merged]
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        st = self.state
+        if st.disabled or not self.adapters:
+            return self.base_layer(x, *args, **kwargs)
+        if st.routing is not None:
+            return self._routed_forward(x, st.routing, *args, **kwargs)
+        names = self.active_unmerged()
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        return self._lora_forward(x, names, *args, **kwargs)
+
+    def _routed_forward(self, x: Tensor, routing: Routing, *args, **kwargs) -> Tensor:
+        """Mixed batch: row i uses routing.names[i]. Generic path: one pass per adapter present."""
+        out = self.base_layer(x, *args, **kwargs)
+        for name, rows in routing.groups(x.shape[0], x.device):
+            if name in self.adapters:
+                delta = self._lora_forward(x[rows], [name], _delta_only=True)
+                out.index_add_(0, rows, delta.to(out.dtype))
+        return out
+
+    # --- merging ---
+    def merge(self, names: list[str], safe: bool = False) -> None:
+        w = self.base_layer.weight
+        for name in names:
+            if name not in self.adapters or name in self.merged:
+                continue
+            merged = w.data.float() + self.delta_weight(name)
+            if safe and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs or Infs detected in the merged weights of {self._debug_name()}: "
+                                 f"the adapter {name!r} seems to be broken; nothing was merged into this layer")
+            w.data.copy_(merged.to(w.dtype))
+            self.merged.append(name)
+
+    def unmerge(self) -> None:
+        w = self.base_layer.weight
+        while self.merged:
+            name = self.merged.pop()
+            w.data.copy_((w.data.float() - self.delta_weight(name)).to(w.dtype))
+
+    def _debug_name(self) -> str:
+        return getattr(self, "_lorakit_name", type(self.base_layer).__name__)
+
+    def extra_repr(self) -> str:
+        return f"merged={self.merged}" if self.merged else ""
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around nn.Linear, transformers' Conv1D (weight (in, out)) or a quantized linear."""
+
+    def __init__(self, base_layer: nn.Module, state: LoraState) -> None:
+        super().__init__(base_layer, state)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D) if Conv1D else False
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+
+    def _make_adapter(self, r, alpha, scaling, dropout) -> Adapter:
+        ad = Adapter(r, alpha, scaling, dropout)
+        ad.lora_A = nn.Linear(self.in_features, r, bias=False)
+        ad.lora_B = nn.Linear(r, self.out_features, bias=False)
+        return ad
+
+    def delta_weight(self, name: str) -> Tensor:
+        ad = self.adapters[name]
+        delta = (ad.lora_B.weight.float() @ ad.lora_A.weight.float()) * ad.scaling  # (d, k)
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def _fusable(self) -> bool:
+        base = self.base_layer
+        plain = type(base) is nn.Linear or (Conv1D and type(base) is Conv1D)
+        return plain and not base.weight.requires_grad
+
+    def _lora_forward(self, x: Tensor, names: list[str], *args, _delta_only: bool = False, **kwargs) -> Tensor:
+        ads = [self.adapters[n] for n in names]
+        p = max(ad.dropout for ad in ads) if self.training else 0.0
+        scales = tuple(ad.scaling for ad in ads)
+        factors = [t for ad in ads for t in (ad.lora_A.weight, ad.lora_B.weight)]
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(f.requires_grad for f in factors)
+                                            or (getattr(self.base_layer, "bias", None) is not None
+                                                and self.base_layer.bias.requires_grad))
+        if _delta_only:
+            return _lora_delta(x, factors, scales, p, compute_dtype(x))
+        if not grad:  # inference: plain math, no autograd bookkeeping
+            out = self.base_layer(x)
+            flat = out.view(-1, out.shape[-1]) if out.is_contiguous() else None
+            xf = x.reshape(-1, x.shape[-1])
+            if p > 0:
+                xf = F.dropout(xf, p, True)
+            if flat is None:
+                return out + _lora_delta(x, factors, scales, 0.0, out.dtype).view_as(out)
+            for i, s in enumerate(scales):
+                a, b = factors[2 * i].to(out.dtype), factors[2 * i + 1].to(out.dtype)
+                flat.addmm_(xf.to(out.dtype) @ a.t(), b.t(), alpha=s)
+            return out
+        if self._fusable():
+            base = self.base_layer
+            return LoraLinearFunction.apply(x, base.weight, base.bias, self.fan_in_fan_out, p, scales, *factors)
+        return LoraDeltaFunction.apply(self.base_layer(x), x, p, scales, *factors)
+
+
+def _lora_delta(x: Tensor, factors: list[Tensor], scales: tuple[float, ...], p: float,
+                dtype: torch.dtype) -> Tensor:
+    """Σ s_i B_i A_i dropout(x) as a new tensor (..., d); plain autograd."""
+    xd = F.dropout(x, p, True) if p > 0 else x
+    xd = xd.to(dtype)
+    out = None
+    for i, s in enumerate(scales):
+        a, b = factors[2 * i].to(dtype), factors[2 * i + 1].to(dtype)
+        term = F.linear(F.linear(xd, a), b) * s
+        out = term if out is None else out + term
+    return out
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around nn.Embedding: h = E[x] + s · (A.T[x]) Bᵀ. No dropout, as in PEFT."""
+
+    def _make_adapter(self, r, alpha, scaling, dropout) -> Adapter:
+        base = self.base_layer
+        ad = Adapter(r, alpha, scaling, 0.0)
+        ad.lora_embedding_A = nn.Parameter(torch.empty(r, base.num_embeddings))  # (r, vocab)
+        ad.lora_embedding_B = nn.Parameter(torch.empty(base.embedding_dim, r))   # (dim, r)
+        return ad
+
+    def reset_adapter(self, name: str, init: str = "default") -> None:
+        ad = self.adapters[name]
+        with torch.no_grad():  # PEFT/loralib: A zero, B normal, so the update starts at zero
+            nn.init.zeros_(ad.lora_embedding_A)
+            nn.init.normal_(ad.lora_embedding_B)
+
+    def delta_weight(self, name: str) -> Tensor:
+        ad = self.adapters[name]
+        return (ad.lora_embedding_B.float() @ ad.lora_embedding_A.float()).t() * ad.scaling  # (vocab, dim)
+
+    def _lora_forward(self, x: Tensor, names: list[str], *args, _delta_only: bool = False, **kwargs) -> Tensor:
+        base = self.base_layer
+        out = None if _delta_only else base(x)
+        for name in names:
+            ad = self.adapters[name]
+            after_a = F.embedding(x, ad.lora_embedding_A.t(), base.padding_idx, base.max_norm,
+                                  base.norm_type, base.scale_grad_by_freq, base.sparse)  # (..., r)
+            term = (after_a @ ad.lora_embedding_B.t()) * ad.scaling
+            out = term if out is None else out + term.to(out.dtype)
+        return out
+
+
+class LoraConv(LoraLayer):
+    """LoRA around nn.Conv1d/2d/3d: A is a conv with the base kernel, B a 1×1 conv."""
+
+    def __init__(self, base_layer: nn.Module, state: LoraState) -> None:
+        if base_layer.groups != 1:
+            raise ValueError(f"LoRA on a grouped convolution (groups={base_layer.groups}) is not supported; "
+                             f"exclude this module with exclude_modules")
+        super().__init__(base_layer, state)
+
+    def _make_adapter(self, r, alpha, scaling, dropout) -> Adapter:
+        base = self.base_layer
+        conv = type(base)
+        ad = Adapter(r, alpha, scaling, dropout)
+        ad.lora_A = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False)
+        ad.lora_B = conv(r, base.out_channels, (1,) * len(base.kernel_size), bias=False)
+        return ad
+
+    def delta_weight(self, name: str) -> Tensor:
+        ad = self.adapters[name]
+        a, b = ad.lora_A.weight.float(), ad.lora_B.weight.float()   # (r, in, *k), (out, r, 1...)
+        delta = (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])  # (out, in, *k)
+        return delta * ad.scaling
+
+    def _lora_forward(self, x: Tensor, names: list[str], *args, _delta_only: bool = False, **kwargs) -> Tensor:
+        out = None if _delta_only else self.base_layer(x)
+        for name in names:
+            ad = self.adapters[name]
+            xd = F.dropout(x, ad.dropout, True) if self.training and ad.dropout > 0 else x
+            term = ad.lora_B(ad.lora_A(xd.to(ad.lora_A.weight.dtype))) * ad.scaling
+            out = term if out is None else out + term.to(out.dtype)
+        return out
+
+
+class ModulesToSave(nn.Module):
+    """A trainable full copy of a module per adapter (e.g. a classifier head); the original stays."""
+
+    def __init__(self, original_module: nn.Module, state: LoraState) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        object.__setattr__(self, "state", state)
+
+    def add_adapter(self, name: str) -> None:
+        import copy
+
+        copy_ = copy.deepcopy(self.original_module)
+        copy_.requires_grad_(True)
+        self.modules_to_save[name] = copy_
+
+    def _active_copy(self) -> nn.Module:
+        st = self.state
+        names = [n for n in st.active if n in self.modules_to_save]
+        if st.disabled or not names:
+            return self.original_module
+        if len(names) > 1:
+            raise ValueError(f"adapters {names} each have their own copy of this module (modules_to_save); "
+                             f"activate only one of them")
+        return self.modules_to_save[names[0]]
+
+    def forward(self, x: Tensor, *args, **kwargs):
+        st = self.state
+        if st.routing is None or st.disabled:
+            return self._active_copy()(x, *args, **kwargs)
+        out = self.original_module(x, *args, **kwargs)
+        for name, rows in st.routing.groups(x.shape[0], x.device):
+            if name in self.modules_to_save:
+                out = out.index_copy(0, rows, self.modules_to_save[name](x[rows], *args, **kwargs).to(out.dtype))
+        return out
+
+
+def make_lora_layer(module: nn.Module, state: LoraState, name: str) -> LoraLayer:
+    """Wrap one base module in the right LoRA layer, or say why it cannot be adapted."""
+    if isinstance(module, nn.Embedding):
+        layer = LoraEmbedding(module, state)
+    elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        layer = LoraConv(module, state)
+    elif isinstance(module, nn.Linear) or (Conv1D and isinstance(module, Conv1D)) or _is_quantized_linear(module):
+        layer = LoraLinear(module, state)
+    else:
+        raise TypeError(f"module {name!r} is a {type(module).__name__}; LoRA supports nn.Linear, nn.Embedding, "
+                        f"nn.Conv1d/2d/3d, transformers' Conv1D and bitsandbytes Linear4bit. "
+                        f"Narrow target_modules so it matches only supported layers")
+    object.__setattr__(layer, "_lorakit_name", name)
+    return layer
+
+
+def _is_quantized_linear(module: nn.Module) -> bool:
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt") and hasattr(module, "in_features")

@@ -1,0 +1,56 @@
+"""Per-row adapter routing: row i of a batch uses adapter names[i] (None = the base model).
+
+The names become index tensors once per batch shape and device, then every LoRA layer reuses
+them: no layer turns strings into indices on its own, and no layer loops over rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Routing:
+    names: list[str | None]
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.adapters: list[str] = sorted({n for n in self.names if n is not None})
+
+    def _rows(self, batch: int) -> list[str | None]:
+        n = len(self.names)
+        if batch == n:
+            return self.names
+        if batch % n == 0:  # generate() with num_beams / num_return_sequences repeats each row
+            k = batch // n
+            return [name for name in self.names for _ in range(k)]
+        raise ValueError(f"per_row was given {n} adapter names but the batch has {batch} rows; "
+                         f"pass exactly one name (or None) per row")
+
+    def groups(self, batch: int, device: torch.device) -> list[tuple[str, Tensor]]:
+        """[(adapter, row indices)] for the adapters present in a batch of this size."""
+        key = ("groups", batch, device)
+        if key not in self._cache:
+            rows = self._rows(batch)
+            self._cache[key] = [
+                (a, torch.tensor([i for i, n in enumerate(rows) if n == a], dtype=torch.long, device=device))
+                for a in self.adapters
+            ]
+        return self._cache[key]
+
+    def row_index(self, batch: int, device: torch.device) -> Tensor:
+        """(batch,) index into self.adapters per row; len(self.adapters) marks a base-model row."""
+        key = ("index", batch, device)
+        if key not in self._cache:
+            slot = {a: i for i, a in enumerate(self.adapters)}
+            rows = self._rows(batch)
+            self._cache[key] = torch.tensor([slot.get(n, len(self.adapters)) if n is not None else len(self.adapters)
+                                             for n in rows], dtype=torch.long, device=device)
+        return self._cache[key]
+
+    def layer_cache(self, layer: object) -> dict:
+        """Scratch space for one layer during this routing (e.g. its stacked adapter weights)."""
+        return self._cache.setdefault(("layer", id(layer)), {})
