@@ -21,6 +21,7 @@ from .inject import find_targets, inject, set_trainable
 from .io import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .merge import combine, merge, merge_and_unload, unmerge
+from .train import TrainConfig, Trainer, train
 
 __version__ = "0.1.0"
 
@@ -30,5 +31,6 @@ __all__ = [
     "save_adapter", "load_adapter", "read_adapter_config", "adapter_state_dict",
     "set_adapter", "adapter_names", "active_adapters", "delete_adapter", "disabled", "per_row",
     "merge", "unmerge", "merge_and_unload", "combine",
+    "TrainConfig", "Trainer", "train",
     "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "ModulesToSave",
 ]
