@@ -141,6 +141,7 @@ class LoraConfig:
             "fan_in_fan_out": self.fan_in_fan_out,
             "inference_mode": True,
             "init_lora_weights": init,
+            "kasa_config": None,
             "layer_replication": None,
             "layers_pattern": self.layers_pattern,
             "layers_to_transform": self.layers_to_transform,
@@ -152,6 +153,7 @@ class LoraConfig:
             "megatron_config": None,
             "megatron_core": "megatron.core",
             "modules_to_save": self.modules_to_save,
+            "monteclora_config": None,
             "peft_type": "LORA",
             "peft_version": "0.21.2",
             "qalora_group_size": 16,
@@ -166,6 +168,7 @@ class LoraConfig:
             "use_dora": self.use_dora,
             "use_qalora": False,
             "use_rslora": self.use_rslora,
+            "velora_config": None,
         }
 
     @classmethod

@@ -96,7 +96,7 @@ def resolve_all_linear(model: nn.Module, cfg: LoraConfig) -> list[str]:
     exclude = set()
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
-    if head is None and cfg.task_type == "SEQ_CLS":
+    if head is None and (cfg.task_type or infer_task_type(model)) == "SEQ_CLS":
         head = next((getattr(model, h) for h in _SEQ_CLS_HEADS if getattr(model, h, None) is not None), None)
     if head is not None:
         exclude |= {n for n, m in model.named_modules() if m is head or getattr(m, "base_layer", None) is head}
@@ -176,11 +176,11 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
             _set_child(model, mod_name, layer)
         if cfg.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             layer.base_layer.bias.requires_grad_(True)
-    if cfg.bias == "all":
-        for pname, param in model.named_parameters():
-            if pname.endswith("bias"):
-                param.requires_grad_(True)
     _add_modules_to_save(model, cfg, name, state)
+    if cfg.bias == "all":  # as PEFT: every ".bias" except the frozen originals behind modules_to_save copies
+        for pname, param in model.named_parameters():
+            if (pname == "bias" or pname.endswith(".bias")) and ".original_module." not in pname:
+                param.requires_grad_(True)
     state.configs[name] = cfg
     if first:
         state.active = (name,)

