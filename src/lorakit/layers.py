@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import dora, qlora
 from .kernels import LoraDeltaFunction, LoraLinearFunction, compute_dtype
 
 if TYPE_CHECKING:
@@ -95,6 +96,8 @@ class LoraLayer(nn.Module):
         adapter.to(device=ref.device, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
         self.adapters[name] = adapter
         self.reset_adapter(name, config.init)
+        if config.use_dora:
+            dora.add_magnitude(self, name)
         return adapter
 
     def reset_adapter(self, name: str, init: str = "default") -> None:
@@ -132,22 +135,41 @@ class LoraLayer(nn.Module):
 
     # --- merging ---
     def merge(self, names: list[str], safe: bool = False) -> None:
-        w = self.base_layer.weight
         for name in names:
             if name not in self.adapters or name in self.merged:
                 continue
-            merged = w.data.float() + self.delta_weight(name)
+            w = self.base_weight()
+            merged = (dora.merged_weight(self, name, w) if dora.is_dora(self.adapters[name])
+                      else w + self.delta_weight(name))
             if safe and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs or Infs detected in the merged weights of {self._debug_name()}: "
                                  f"the adapter {name!r} seems to be broken; nothing was merged into this layer")
-            w.data.copy_(merged.to(w.dtype))
+            self.set_base_weight(merged)
             self.merged.append(name)
 
     def unmerge(self) -> None:
-        w = self.base_layer.weight
         while self.merged:
             name = self.merged.pop()
-            w.data.copy_((w.data.float() - self.delta_weight(name)).to(w.dtype))
+            w = self.base_weight()
+            self.set_base_weight(dora.unmerged_weight(self, name, w) if dora.is_dora(self.adapters[name])
+                                 else w - self.delta_weight(name))
+
+    def base_weight(self) -> Tensor:
+        """The base weight as float32 in its stored layout (dequantized when the base is 4-bit)."""
+        if qlora.is_4bit(self.base_layer):
+            return qlora.dequantized_weight(self.base_layer)
+        w = self.base_layer.weight
+        if not w.dtype.is_floating_point:
+            raise TypeError(f"{self._debug_name()} is a {type(self.base_layer).__name__} with {w.dtype} weights; "
+                            f"merging and DoRA need a float or a 4-bit (bitsandbytes Linear4bit) base")
+        return w.detach().float()
+
+    def set_base_weight(self, w: Tensor) -> None:
+        """Write a float weight back into the base (re-quantizing a 4-bit base)."""
+        if qlora.is_4bit(self.base_layer):
+            qlora.replace_weight(self.base_layer, w)
+        else:
+            self.base_layer.weight.data.copy_(w.to(self.base_layer.weight.dtype))
 
     def _debug_name(self) -> str:
         return getattr(self, "_lorakit_name", type(self.base_layer).__name__)
@@ -162,6 +184,8 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module, state: LoraState) -> None:
         super().__init__(base_layer, state)
         self.fan_in_fan_out = isinstance(base_layer, Conv1D) if Conv1D else False
+        if qlora.is_4bit(base_layer):
+            qlora.keep_standard_layout(base_layer)
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
         else:
@@ -184,8 +208,16 @@ class LoraLinear(LoraLayer):
         return plain and not base.weight.requires_grad
 
     def _lora_forward(self, x: Tensor, names: list[str], *args, _delta_only: bool = False, **kwargs) -> Tensor:
+        if any(dora.is_dora(self.adapters[n]) for n in names):
+            return dora.forward(self, x, names, delta_only=_delta_only)
         ads = [self.adapters[n] for n in names]
         p = max(ad.dropout for ad in ads) if self.training else 0.0
+        if p > 0 and not _delta_only and len({ad.dropout for ad in ads}) > 1:
+            # adapters with different dropout p: each gets its own mask, as in PEFT
+            out = self._lora_forward(x, names[:1], *args, **kwargs)
+            for n in names[1:]:
+                out = out + self._lora_forward(x, [n], _delta_only=True).to(out.dtype)
+            return out
         scales = tuple(ad.scaling for ad in ads)
         factors = [t for ad in ads for t in (ad.lora_A.weight, ad.lora_B.weight)]
         grad = torch.is_grad_enabled() and (x.requires_grad or any(f.requires_grad for f in factors)
@@ -245,6 +277,8 @@ class LoraEmbedding(LoraLayer):
         return (ad.lora_embedding_B.float() @ ad.lora_embedding_A.float()).t() * ad.scaling  # (vocab, dim)
 
     def _lora_forward(self, x: Tensor, names: list[str], *args, _delta_only: bool = False, **kwargs) -> Tensor:
+        if any(dora.is_dora(self.adapters[n]) for n in names):
+            return dora.forward(self, x, names, delta_only=_delta_only)
         base = self.base_layer
         out = None if _delta_only else base(x)
         for name in names:
@@ -280,6 +314,8 @@ class LoraConv(LoraLayer):
         return delta * ad.scaling
 
     def _lora_forward(self, x: Tensor, names: list[str], *args, _delta_only: bool = False, **kwargs) -> Tensor:
+        if any(dora.is_dora(self.adapters[n]) for n in names):
+            return dora.forward(self, x, names, delta_only=_delta_only)
         out = None if _delta_only else self.base_layer(x)
         for name in names:
             ad = self.adapters[name]
