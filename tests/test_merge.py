@@ -287,3 +287,11 @@ def test_combine_never_reinitialises_the_base():
     assert all(torch.equal(p, before[n]) for n, p in base_weights(model).items())
     lorakit.set_adapter(model, "pq")
     assert run(model, x).isfinite().all()
+
+
+def test_combine_refuses_dora_adapters():
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), name="a")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), name="b")
+    with pytest.raises(ValueError, match=r"\['a'\] are DoRA adapters"):
+        lorakit.combine(model, ["a", "b"], [0.5, 0.5], name="ab", method="cat")

@@ -94,6 +94,9 @@ def combine(model: nn.Module, names: Sequence[str], weights: Sequence[float], na
     if method not in ("linear", "cat", "svd"):
         raise ValueError(f"combine: method={method!r} is not supported; use 'linear', 'cat' or 'svd'")
     cfgs = [state.configs[n] for n in names]
+    if dora_names := [n for n, c in zip(names, cfgs) if c.use_dora]:
+        raise ValueError(f"combine: {dora_names} are DoRA adapters; their magnitude vectors cannot be mixed "
+                         f"(PEFT cannot either). Merge them into the base instead, or combine plain LoRA adapters")
     ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in cfgs]
     method = "linear" if len(names) == 1 else method
     if method == "linear" and len(set(ranks)) != 1:

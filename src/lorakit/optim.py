@@ -10,12 +10,15 @@ from torch import nn
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
                  loraplus_lr_ratio: float | None = None) -> list[dict]:
-    """Trainable parameters only. With LoRA+ (Hayou et al. 2024), B matrices get lr * ratio."""
+    """Trainable parameters only. With LoRA+ (Hayou et al. 2024), B matrices get lr * ratio.
+
+    As PEFT's create_loraplus_optimizer, 1-D parameters (biases, DoRA magnitudes) join B's group.
+    """
     a_group, b_group = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        is_b = ".lora_B." in name or name.endswith(".lora_B.weight") or name.endswith("lora_embedding_B")
+        is_b = "lora_B" in name or "lora_embedding_B" in name or param.ndim == 1
         (b_group if loraplus_lr_ratio and is_b else a_group).append(param)
     if not a_group and not b_group:
         raise ValueError("the model has no trainable parameters: inject an adapter (lorakit.inject) or load one "

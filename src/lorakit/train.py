@@ -166,6 +166,10 @@ class Trainer:
 
             kwargs["quantization_config"] = quantization_config()
         model = load_model(self.cfg.model, task=self.task, **kwargs)
+        if self.cfg.train_type == "qlora":
+            from .qlora import prepare_model
+
+            prepare_model(model)
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         if torch.cuda.is_available() and self.cfg.train_type != "qlora":
