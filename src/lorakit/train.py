@@ -142,8 +142,15 @@ class Trainer:
         self.adapter = "default"
         self._attach_adapter()
         self.device = next(self.model.parameters()).device
-        if cfg.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.gradient_checkpointing:
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):   # transformers >= 5.x
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            elif hasattr(self.model, "gradient_checkpointing_enable"):
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            else:
+                raise ValueError("--gradient-checkpointing needs a transformers model; this model has no "
+                                 "activation/gradient checkpointing switch")
         self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio)
         self.micro_per_epoch = math.ceil(len(self.train_data) / cfg.batch_size)
         self.total_steps = (cfg.max_steps if cfg.max_steps > 0
