@@ -152,7 +152,7 @@ def base_weight_norms(model: str | nn.Module, names: list[str]) -> dict[str, flo
         if missing:
             raise ValueError(f"the adapter adapts {missing[:3]}, which {type(model).__name__} does not have; "
                              f"was the adapter trained on another model?")
-        return {n: float(getattr(modules[n], "base_layer", modules[n]).weight.double().norm()) for n in names}
+        return {n: float(getattr(modules[n], "base_layer", modules[n]).weight.detach().double().norm()) for n in names}
     from safetensors import SafetensorError, safe_open
 
     files = _weight_files(model)
