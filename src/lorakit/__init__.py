@@ -16,6 +16,7 @@ from .adapters import (
     print_trainable_parameters,
     set_adapter,
 )
+from .adalora import AdaLoraConfig
 from .config import LoraConfig
 from .inject import find_targets, inject, set_trainable
 from .io import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
@@ -26,7 +27,7 @@ from .train import TrainConfig, Trainer, train
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraConfig", "inject", "find_targets", "set_trainable",
+    "LoraConfig", "AdaLoraConfig", "inject", "find_targets", "set_trainable",
     "count_parameters", "print_trainable_parameters",
     "save_adapter", "load_adapter", "read_adapter_config", "adapter_state_dict",
     "set_adapter", "adapter_names", "active_adapters", "delete_adapter", "disabled", "per_row",

@@ -14,7 +14,7 @@ import re
 from torch import nn
 
 from .config import LoraConfig
-from .layers import Adapter, Conv1D, LoraLayer, LoraState, ModulesToSave, make_lora_layer
+from .layers import Adapter, Conv1D, LoraLayer, LoraState, ModulesToSave
 
 _LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 _SEQ_CLS_HEADS = ("classifier", "score")
@@ -168,7 +168,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
         param.requires_grad_(False)
     _restore_trainable(model, state)
     for mod_name, module in targets:
-        layer = module if isinstance(module, LoraLayer) else make_lora_layer(module, state, mod_name)
+        layer = cfg.make_layer(module, state, mod_name)  # LoRA layer, or a variant's (AdaLoRA: adalora.py)
         r, alpha = cfg.rank_and_alpha(mod_name)
         adapter: Adapter = layer.add_adapter(name, r, alpha, cfg)
         adapter.requires_grad_(True)

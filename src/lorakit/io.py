@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import adalora
 from .config import LoraConfig
 from .inject import get_state, inject, lora_layers, require_state, set_trainable
 from .layers import ModulesToSave
@@ -31,7 +32,8 @@ from .layers import ModulesToSave
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-ADAPTER_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+ADAPTER_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                   "lora_A", "lora_B", "lora_E")  # the last three: AdaLoRA's bare parameters (adalora.py)
 
 
 # --- atomic writes -------------------------------------------------------------------------------
@@ -103,6 +105,8 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
         for pname, param in model.named_parameters():
             if pname.endswith("bias") and ".adapters." not in pname and ".modules_to_save." not in pname:
                 out.setdefault(PREFIX + pname.replace(".original_module.", "."), param)
+    if isinstance(cfg, adalora.AdaLoraConfig):  # PEFT saves only the ranks AdaLoRA kept
+        out = adalora.file_tensors(out, cfg, PREFIX)
     return out
 
 
@@ -128,7 +132,8 @@ def read_adapter_config(path: str | Path) -> LoraConfig:
         raise ValueError(f"{file} is not valid JSON ({e}); the file is damaged") from e
     if not isinstance(raw, dict):
         raise ValueError(f"{file} must hold a JSON object, got {type(raw).__name__}")
-    return LoraConfig.from_peft_dict(raw, source=str(file))
+    config_type = adalora.AdaLoraConfig if raw.get("peft_type") == adalora.PEFT_TYPE else LoraConfig
+    return config_type.from_peft_dict(raw, source=str(file))
 
 
 def resolve_adapter_dir(path: str | Path, name: str) -> Path:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .adalora import AdaLoraConfig
 from .inject import inject, lora_layers, require_state
 from .layers import LoraEmbedding, LoraLayer, ModulesToSave
 
@@ -94,6 +95,9 @@ def combine(model: nn.Module, names: Sequence[str], weights: Sequence[float], na
     if method not in ("linear", "cat", "svd"):
         raise ValueError(f"combine: method={method!r} is not supported; use 'linear', 'cat' or 'svd'")
     cfgs = [state.configs[n] for n in names]
+    if svd := [n for n, c in zip(names, cfgs) if isinstance(c, AdaLoraConfig)]:
+        raise ValueError(f"combine: {svd} are AdaLoRA adapters, which combine does not support (PEFT's "
+                         f"add_weighted_adapter refuses them too); merge them into the base instead")
     if dora_names := [n for n, c in zip(names, cfgs) if c.use_dora]:
         raise ValueError(f"combine: {dora_names} are DoRA adapters; their magnitude vectors cannot be mixed "
                          f"(PEFT cannot either). Merge them into the base instead, or combine plain LoRA adapters")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import adalora
 from . import data as datalib
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import LoraConfig
@@ -39,7 +40,7 @@ class TrainConfig:
     eval_dataset: list[str] = field(default_factory=list)  # held-out files for eval loss / metrics
     output_dir: str = "runs/sft"                      # adapter, checkpoints/, metrics.jsonl, loss.png, run.yaml
     task: str = "auto"                                # causal_lm | seq_cls | seq2seq | auto (from the rows)
-    train_type: str = "lora"                          # lora | dora | qlora (4-bit NF4 base)
+    train_type: str = "lora"                          # lora | dora | qlora (4-bit NF4 base) | adalora (adalora.py)
     lora_rank: int = 8                                # r
     lora_alpha: float = 32                            # scale numerator (alpha / r)
     lora_dropout: float = 0.05                        # dropout on the LoRA branch input
@@ -79,7 +80,7 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        choices = {"task": ("auto",) + TASKS, "train_type": ("lora", "dora", "qlora"),
+        choices = {"task": ("auto",) + TASKS, "train_type": ("lora", "dora", "qlora", "adalora"),
                    "precision": ("auto", "fp32", "bf16", "fp16"), "lr_scheduler": ("cosine", "linear", "constant"),
                    "eval_metric": ("loss", "exact_match", "accuracy")}
         for name, allowed in choices.items():
@@ -140,7 +141,11 @@ class Trainer:
             return
         self.model = model if model is not None else self._load_model()
         self.adapter = "default"
+        self.micro_per_epoch = math.ceil(len(self.train_data) / cfg.batch_size)
+        self.total_steps = (cfg.max_steps if cfg.max_steps > 0
+                            else max(1, math.ceil(cfg.epochs * self.micro_per_epoch / cfg.grad_accum)))
         self._attach_adapter()
+        self.allocator = adalora.allocator_for(self.model, self.adapter)  # AdaLoRA's rank allocator, else None
         self.device = next(self.model.parameters()).device
         if cfg.gradient_checkpointing:
             kwargs = {"use_reentrant": False}
@@ -152,9 +157,6 @@ class Trainer:
                 raise ValueError("--gradient-checkpointing needs a transformers model; this model has no "
                                  "activation/gradient checkpointing switch")
         self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio)
-        self.micro_per_epoch = math.ceil(len(self.train_data) / cfg.batch_size)
-        self.total_steps = (cfg.max_steps if cfg.max_steps > 0
-                            else max(1, math.ceil(cfg.epochs * self.micro_per_epoch / cfg.grad_accum)))
         warmup = int(cfg.warmup_ratio * self.total_steps)
         self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, warmup, self.total_steps)
         self.autocast_dtype, self.scaler = self._precision()
@@ -191,6 +193,8 @@ class Trainer:
             load_adapter(self.model, self.cfg.adapter, name=self.adapter, trainable=True)
         elif state is None or self.adapter not in state.configs:
             lcfg = self.cfg.lora_config()
+            if self.cfg.train_type == "adalora":  # SVD-form adapter; its rank schedule spans the whole run
+                lcfg = adalora.training_config(lcfg, total_step=self.total_steps)
             if self.task == "seq_cls":
                 heads = [h for h in ("classifier", "score") if getattr(self.model, h, None) is not None]
                 lcfg = lcfg.replace(modules_to_save=heads, task_type="SEQ_CLS")
@@ -265,6 +269,8 @@ class Trainer:
             n_input += int(batch["attention_mask"].sum())
             with self._autocast():
                 loss = self.loss_sum(batch) / n_tokens
+            if self.allocator:  # AdaLoRA: orthogonality penalty on A and B, once per optimizer step
+                loss = loss + self.allocator.regularizer() / len(micro)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
         return total, n_input
@@ -287,6 +293,8 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.allocator:  # AdaLoRA: scores read this step's gradients, so before zero_grad
+            self.allocator.step(self.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
@@ -321,6 +329,8 @@ class Trainer:
                                self.scheduler, self.trainer_state(), keep=self.cfg.save_total_limit)
 
     def resume(self) -> Path:
+        if self.allocator:  # checkpoints hold PEFT's rank-cut AdaLoRA files, not the allocator's scores
+            raise ValueError("--resume does not support AdaLoRA runs yet; start the run again without --resume")
         found = list_checkpoints(self.out / "checkpoints")
         if not found:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.out / 'checkpoints'}; "

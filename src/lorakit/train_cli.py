@@ -23,7 +23,8 @@ HELP = {
     "model": "base model: 'smollm2-135m-instruct' (embedded), a local Hugging Face folder, or a hub id",
     "output_dir": "where the adapter, checkpoints/, metrics.jsonl, loss.png, run.yaml and report.md go",
     "task": "causal_lm | seq_cls | seq2seq | auto (decided from the first row's shape)",
-    "train_type": "lora | dora | qlora (4-bit NF4 quantized base, needs bitsandbytes)",
+    "train_type": "lora | dora | qlora (4-bit NF4 quantized base, needs bitsandbytes) | adalora (rank "
+                  "--lora-rank shrinking to half of it on average, allocated by importance)",
     "lora_rank": "LoRA rank r", "lora_alpha": "LoRA alpha; the update is scaled by alpha / r",
     "lora_dropout": "dropout on the LoRA branch input", "target_modules":
     "modules to adapt: comma-separated name suffixes (q_proj,v_proj), one regex, or all-linear",
