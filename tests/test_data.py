@@ -9,8 +9,7 @@ import statistics
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from tiny import CHATML, byte_tokenizer
 
 from lorakit import data
 from lorakit.data import (
@@ -30,23 +29,7 @@ from lorakit.data import (
     to_messages,
 )
 
-# Minimal ChatML: "<|im_start|>" and "<|im_end|>" are one token each, everything else a byte each.
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 USER_HEAD, END, ASSISTANT_HEAD = 6, 2, 11  # "<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n"
-
-
-def byte_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|pad|>",
-                                  additional_special_tokens=["<|im_start|>"])
-    tok.chat_template = chat_template
-    return tok
 
 
 @pytest.fixture(scope="module")

@@ -4,29 +4,11 @@ import json
 
 import pytest
 import torch
-from tiny import tiny_llama
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from tiny import byte_tokenizer, tiny_llama
 
 import lorakit
 from lorakit import checkpoint as ckpt
 from lorakit.train import DivergedError, TrainConfig, Trainer
-
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per byte plus ChatML specials: lengths are arithmetic on the strings."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|pad|>",
-                                  additional_special_tokens=["<|im_start|>"])
-    tok.chat_template = CHATML
-    return tok
 
 
 def write_chat(path, n=24, seed=0):

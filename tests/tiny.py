@@ -166,3 +166,25 @@ def randomize_lora(model: nn.Module, name: str = "default", seed: int = 0, std: 
 def ids(batch: int = 2, seq: int = 6, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, seq), generator=gen)
+
+
+# Minimal ChatML: "<|im_start|>" and "<|im_end|>" are one token each, everything else a byte each.
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer(chat_template: str | None = CHATML):
+    """One token per byte plus ChatML specials, so lengths are arithmetic on the strings."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                  additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = chat_template
+    return tok
