@@ -209,3 +209,9 @@ def test_config_errors_name_the_flag():
         TrainConfig(dataset=["x.jsonl"], train_type="full")
     with pytest.raises(ValueError, match="--dataset is required"):
         TrainConfig()
+
+
+def test_eval_max_rows_limits_evaluation(tmp_path, tok):
+    evald = write_chat(tmp_path / "eval.jsonl", n=8, seed=5)
+    t = make(tmp_path, tok, eval_dataset=[evald], eval_max_rows=3)
+    assert len(t.eval_data) == 3 and "eval_loss" in t.evaluate()

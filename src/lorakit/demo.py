@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"demo data not found: {f} (run from the repository root, or pass --data)")
     t_start = time.perf_counter()
     cfg = TrainConfig(dataset=[str(train_file)], output_dir=args.output_dir, model=args.model,
+                      eval_dataset=[str(test_file)], eval_steps=15, eval_max_rows=96,
                       **{**SETTINGS, "max_steps": args.max_steps})
     print(f"lorakit demo: LoRA r={cfg.lora_rank} on all linear layers of {cfg.model}, {cfg.max_steps} steps "
           f"of {cfg.batch_size} rows, then exact match on {args.eval_rows} held-out rows")

@@ -66,6 +66,7 @@ class TrainConfig:
     eval_steps: int = 0                               # evaluate every N steps; 0: only at the end
     eval_metric: str = "loss"                         # loss | exact_match (greedy generation) | accuracy
     eval_max_new_tokens: int = 128                    # for exact_match
+    eval_max_rows: int | None = None                  # evaluate on the first N eval rows only (None: all)
     logging_steps: int = 10                           # metrics.jsonl / progress bar every N steps
     seed: int = 42
     resume: bool = False                              # continue from the newest checkpoint in output_dir
@@ -136,6 +137,8 @@ class Trainer:
         self.train_data = datalib.build_dataset(cfg.dataset, tokenizer, self.task, cfg.max_length)
         self.eval_data = (datalib.build_dataset(cfg.eval_dataset, tokenizer, self.task, cfg.max_length,
                                                 label2id=self.train_data.label2id) if cfg.eval_dataset else None)
+        if self.eval_data is not None and cfg.eval_max_rows:
+            self.eval_data.rows = self.eval_data.rows[: cfg.eval_max_rows]
         if cfg.dry_run:
             self.model = model
             return
