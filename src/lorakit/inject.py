@@ -144,6 +144,16 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     `modules_to_save` as configured) are trainable. The first adapter injected becomes active;
     later ones are added inactive (as PEFT's add_adapter), switch with `set_adapter`.
     """
+    inject_layers(model, config, name)
+    return model
+
+
+def inject_layers(model: nn.Module, config: LoraConfig, name: str = "default") -> dict[str, LoraLayer]:
+    """`inject`, returning {module name: LoRA layer} for the layers that got adapter `name`.
+
+    Callers that go on to touch those layers (load_adapter) use this instead of walking the
+    model again: after injection a walk visits every adapter submodule too.
+    """
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
     state = get_state(model, create=True)
@@ -166,14 +176,19 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     first = not state.configs
     for param in model.parameters():
         param.requires_grad_(False)
-    _restore_trainable(model, state)
+    if not first:
+        _restore_trainable(model, state)
+    modules = dict(model.named_modules())  # parents by name: one walk instead of a lookup per target
+    injected: dict[str, LoraLayer] = {}
     for mod_name, module in targets:
         layer = cfg.make_layer(module, state, mod_name)  # LoRA layer, or a variant's (AdaLoRA: adalora.py)
         r, alpha = cfg.rank_and_alpha(mod_name)
         adapter: Adapter = layer.add_adapter(name, r, alpha, cfg)
         adapter.requires_grad_(True)
         if layer is not module:
-            _set_child(model, mod_name, layer)
+            parent_name, _, child = mod_name.rpartition(".")
+            setattr(modules[parent_name], child, layer)
+        injected[mod_name] = layer
         if cfg.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             layer.base_layer.bias.requires_grad_(True)
     _add_modules_to_save(model, cfg, name, state)
@@ -187,7 +202,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     from .init import apply_init  # PiSSA / OLoRA rewrite base weights; plain inits are done already
 
     apply_init(model, name, cfg)
-    return model
+    return injected
 
 
 def _restore_trainable(model: nn.Module, state: LoraState) -> None:

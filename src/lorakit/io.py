@@ -26,8 +26,8 @@ from torch import nn
 
 from . import adalora
 from .config import LoraConfig
-from .inject import get_state, inject, lora_layers, require_state, set_trainable
-from .layers import ModulesToSave
+from .inject import get_state, inject_layers, lora_layers, require_state, set_trainable
+from .layers import LoraLayer, ModulesToSave, uninitialised
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -155,13 +155,19 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", trai
         raise ValueError(f"an adapter named {name!r} is already loaded; pass another name= or delete_adapter() it")
     plan = _plan_load(model, cfg, tensors, path)  # validate before touching the model
     grad_before = [(p, p.requires_grad) for p in model.parameters()]
-    inject(model, cfg.replace(init="default"), name=name)
+    with uninitialised():  # every tensor is about to be overwritten: no init to pay for
+        layers = inject_layers(model, cfg.replace(init="default"), name=name)
     try:
-        _copy_tensors(model, name, plan, path)
+        _copy_tensors(model, name, plan, path, layers)
     except BaseException:  # e.g. a shape mismatch: leave no half-loaded adapter behind
         _undo_inject(model, name, grad_before)
         raise
-    set_trainable(model, name, trainable)
+    if cfg.modules_to_save:
+        set_trainable(model, name, trainable)
+    else:  # the layers are known: no walk over the (now much larger) module tree
+        for layer in layers.values():
+            layer.adapters[name].requires_grad_(trainable)
+            layer.adapters[name]._trainable = trainable
     return model
 
 
@@ -204,30 +210,67 @@ def _owner(key: str) -> str:
     return key.rsplit(".", 1)[0]
 
 
-def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
-    layers = dict(lora_layers(model))
-    savers = {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSave)}
-    loaded = set()
+def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path,
+                  layers: dict[str, LoraLayer] | None = None) -> None:
+    """Copy file tensors into adapter `name`; `layers` (from inject_layers) spares a walk of the model."""
+    layers = dict(lora_layers(model)) if layers is None else layers
+    params: dict[str, torch.Tensor] | None = None  # every named parameter: built only for non-adapter keys
+    savers: dict[str, ModulesToSave] = {}
+    loaded: dict[str, set[str]] = {}
     with torch.no_grad():
         for key, value in tensors.items():
-            target_key = _memory_key(key, name, layers, savers)
-            if target_key not in params:
-                raise ValueError(f"{path / WEIGHTS_NAME}: key {PREFIX + key!r} has no place in the model "
-                                 f"(looked for {target_key!r}); the adapter config and weights disagree")
-            dest = params[target_key]
+            dest, target_key = _adapter_tensor(key, name, layers)
+            if dest is None:
+                if params is None:
+                    params = dict(model.named_parameters())
+                    params.update(dict(model.named_buffers()))
+                    savers = {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSave)}
+                target_key = _memory_key(key, name, layers, savers)
+                if target_key not in params:
+                    raise ValueError(f"{path / WEIGHTS_NAME}: key {PREFIX + key!r} has no place in the model "
+                                     f"(looked for {target_key!r}); the adapter config and weights disagree")
+                dest = params[target_key]
             if dest.shape != value.shape:
                 raise ValueError(f"{path / WEIGHTS_NAME}: shape mismatch for {_owner(key)!r} ({key.rsplit('.', 1)[-1] if key.endswith('weight') else key.split('.')[-1]}): "
                                  f"file has {tuple(value.shape)}, model expects {tuple(dest.shape)}; "
                                  f"was it trained with another r or for another model?")
-            dest.copy_(value.to(dest.dtype))
-            loaded.add(target_key)
-    missing = [f"{m}.adapters.{name}.{k}" for m, layer in layers.items() if name in layer.adapters
-               for k in layer.adapters[name].state_dict() if f"{m}.adapters.{name}.{k}" not in loaded]
+            dest.copy_(value)
+            mod, _, tail = target_key.partition(f".adapters.{name}.")
+            loaded.setdefault(mod, set()).add(tail)
+    _init_missing(layers, name, loaded, path)
+
+
+def _adapter_tensor(key: str, name: str, layers: dict[str, LoraLayer]) -> tuple[torch.Tensor | None, str]:
+    """(the in-memory tensor, its key) for an adapter tensor of a known layer; (None, "") otherwise."""
+    for tail in ADAPTER_TENSORS:
+        if key.endswith("." + tail):
+            mod = key[: -len(tail) - 1]
+            layer = layers.get(mod)
+            if layer is not None and name in layer.adapters:
+                try:
+                    return layer.adapters[name].get_parameter(tail), f"{mod}.adapters.{name}.{tail}"
+                except AttributeError:
+                    return None, ""
+    return None, ""
+
+
+def _init_missing(layers: dict[str, LoraLayer], name: str, loaded: dict[str, set[str]], path: Path) -> None:
+    """Adapter tensors the file lacks get their usual init (they were left uninitialised), with a warning."""
+    missing = []
+    for mod, layer in layers.items():
+        adapter = layer.adapters[name] if name in layer.adapters else None
+        absent = [] if adapter is None else [k for k, _ in adapter.named_parameters() if k not in loaded.get(mod, ())]
+        if not absent:
+            continue
+        missing += [f"{mod}.adapters.{name}.{k}" for k in absent]
+        kept = {k: p.detach().clone() for k, p in adapter.named_parameters() if k not in absent}
+        layer.reset_adapter(name)
+        with torch.no_grad():
+            for k, value in kept.items():
+                adapter.get_parameter(k).copy_(value)
     if missing:
         warnings.warn(f"{path / WEIGHTS_NAME} has no tensors for {len(missing)} adapter weights "
-                      f"(e.g. {missing[:3]}); those keep their initial values", stacklevel=3)
+                      f"(e.g. {missing[:3]}); those keep their initial values", stacklevel=4)
 
 
 def _memory_key(key: str, name: str, layers: dict[str, Any], savers: dict[str, ModulesToSave]) -> str:

@@ -14,6 +14,9 @@ set_adapter, per_row, disabled), which edit the shared ``LoraState``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import dora, qlora
-from .kernels import LoraDeltaFunction, LoraLinearFunction, compute_dtype
+from .kernels import LoraDeltaFunction, LoraLinearFunction, compute_dtype, shared_dropout
 
 if TYPE_CHECKING:
     from .config import LoraConfig
@@ -32,6 +35,19 @@ try:  # GPT-2 style Conv1D: weight stored (in, out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = ()  # type: ignore[assignment]
+
+
+_INIT_WEIGHTS: ContextVar[bool] = ContextVar("lorakit_init_weights", default=True)
+
+
+@contextmanager
+def uninitialised() -> Iterator[None]:
+    """Inside, new adapters skip their init (A, B left as allocated): for loaders that overwrite them."""
+    token = _INIT_WEIGHTS.set(False)
+    try:
+        yield
+    finally:
+        _INIT_WEIGHTS.reset(token)
 
 
 @dataclass
@@ -49,7 +65,8 @@ class Adapter(nn.Module):
 
     def __init__(self, r: int, alpha: float, scaling: float, dropout: float) -> None:
         super().__init__()
-        self.r, self.alpha, self.scaling, self.dropout = r, alpha, scaling, dropout
+        # plain numbers: straight into __dict__ (Module.__setattr__ checks cost more than the numbers)
+        self.__dict__.update(r=r, alpha=alpha, scaling=scaling, dropout=dropout)
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """(A, B) as matrices: A (r, k), B (d, r)."""
@@ -89,16 +106,25 @@ class LoraLayer(nn.Module):
         return self.base_layer.weight
 
     def add_adapter(self, name: str, r: int, alpha: float, config: LoraConfig) -> Adapter:
+        """Add adapter `name`, initialised by config.init (not at all inside `uninitialised()`)."""
         scaling = config.scaling(r, alpha)
         adapter = self._make_adapter(r, alpha, scaling, config.dropout)
-        ref = self.base_layer.weight
-        dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32
-        adapter.to(device=ref.device, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+        device, dtype = self.adapter_device_dtype()
+        first = next(adapter.parameters())
+        if first.device != device or first.dtype != dtype:  # kinds that build their factors elsewhere
+            adapter.to(device=device, dtype=dtype)
         self.adapters[name] = adapter
-        self.reset_adapter(name, config.init)
+        if _INIT_WEIGHTS.get() or config.use_dora:  # DoRA's magnitude is computed from A and B
+            self.reset_adapter(name, config.init)
         if config.use_dora:
             dora.add_magnitude(self, name)
         return adapter
+
+    def adapter_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """Where adapter tensors live: the base weight's device; float32 for half/quantized bases."""
+        ref = self.base_layer.weight
+        dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32
+        return ref.device, torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
     def reset_adapter(self, name: str, init: str = "default") -> None:
         a, b = self.adapters[name].lora_A.weight, self.adapters[name].lora_B.weight
@@ -138,6 +164,9 @@ class LoraLayer(nn.Module):
         for name in names:
             if name not in self.adapters or name in self.merged:
                 continue
+            if not safe and self._add_delta_inplace(name, 1.0):
+                self.merged.append(name)
+                continue
             w = self.base_weight()
             merged = (dora.merged_weight(self, name, w) if dora.is_dora(self.adapters[name])
                       else w + self.delta_weight(name))
@@ -150,9 +179,15 @@ class LoraLayer(nn.Module):
     def unmerge(self) -> None:
         while self.merged:
             name = self.merged.pop()
+            if self._add_delta_inplace(name, -1.0):
+                continue
             w = self.base_weight()
             self.set_base_weight(dora.unmerged_weight(self, name, w) if dora.is_dora(self.adapters[name])
                                  else w - self.delta_weight(name))
+
+    def _add_delta_inplace(self, name: str, sign: float) -> bool:
+        """W += sign · ΔW in place where a layer kind can (one pass over W); False: use the general path."""
+        return False
 
     def base_weight(self) -> Tensor:
         """The base weight as float32 in its stored layout (dequantized when the base is 4-bit)."""
@@ -192,15 +227,30 @@ class LoraLinear(LoraLayer):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
 
     def _make_adapter(self, r, alpha, scaling, dropout) -> Adapter:
+        device, dtype = self.adapter_device_dtype()
         ad = Adapter(r, alpha, scaling, dropout)
-        ad.lora_A = nn.Linear(self.in_features, r, bias=False)
-        ad.lora_B = nn.Linear(r, self.out_features, bias=False)
+        ad.lora_A = _linear(torch.empty(r, self.in_features, device=device, dtype=dtype))   # (r, k)
+        ad.lora_B = _linear(torch.zeros(self.out_features, r, device=device, dtype=dtype))  # (d, r)
         return ad
 
     def delta_weight(self, name: str) -> Tensor:
         ad = self.adapters[name]
         delta = (ad.lora_B.weight.float() @ ad.lora_A.weight.float()) * ad.scaling  # (d, k)
         return delta.t() if self.fan_in_fan_out else delta
+
+    def _add_delta_inplace(self, name: str, sign: float) -> bool:
+        """Plain LoRA on a float32 weight: W.addmm_(B, A, alpha=±s), no (d, k) temporary."""
+        w, ad = getattr(self.base_layer, "weight", None), self.adapters[name]
+        if (w is None or w.dtype != torch.float32 or dora.is_dora(ad) or qlora.is_4bit(self.base_layer)
+                or ad.lora_A.weight.dtype != torch.float32):
+            return False
+        a, b = ad.lora_A.weight.detach(), ad.lora_B.weight.detach()     # (r, k), (d, r)
+        with torch.no_grad():
+            if self.fan_in_fan_out:
+                w.addmm_(a.t(), b.t(), alpha=sign * ad.scaling)          # W stored (k, d)
+            else:
+                w.addmm_(b, a, alpha=sign * ad.scaling)
+        return True
 
     def _fusable(self) -> bool:
         base = self.base_layer
@@ -220,27 +270,121 @@ class LoraLinear(LoraLayer):
             return out
         scales = tuple(ad.scaling for ad in ads)
         factors = [t for ad in ads for t in (ad.lora_A.weight, ad.lora_B.weight)]
-        grad = torch.is_grad_enabled() and (x.requires_grad or any(f.requires_grad for f in factors)
-                                            or (getattr(self.base_layer, "bias", None) is not None
-                                                and self.base_layer.bias.requires_grad))
         if _delta_only:
             return _lora_delta(x, factors, scales, p, compute_dtype(x))
-        if not grad:  # inference: plain math, no autograd bookkeeping
-            out = self.base_layer(x)
-            flat = out.view(-1, out.shape[-1]) if out.is_contiguous() else None
-            xf = x.reshape(-1, x.shape[-1])
-            if p > 0:
-                xf = F.dropout(xf, p, True)
-            if flat is None:
-                return out + _lora_delta(x, factors, scales, 0.0, out.dtype).view_as(out)
-            for i, s in enumerate(scales):
-                a, b = factors[2 * i].to(out.dtype), factors[2 * i + 1].to(out.dtype)
-                flat.addmm_(xf.to(out.dtype) @ a.t(), b.t(), alpha=s)
+        drop = None
+        if p > 0:  # one mask for every branch that reads this same x (q/k/v, gate/up): kernels.SharedDropout
+            drop = shared_dropout(x, p, self)
+            scales = tuple(s / (1.0 - p) for s in scales)               # inverted dropout's 1/(1-p), folded in
+        base = self.base_layer
+        bias = getattr(base, "bias", None)
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(f.requires_grad for f in factors)
+                                            or (bias is not None and bias.requires_grad))
+        if grad and self._fusable():
+            return LoraLinearFunction.apply(x, base.weight, bias, self.fan_in_fan_out, drop, scales, *factors)
+        if not grad and drop is None and self._fold_pays(x):
+            return self._folded_forward(x, scales, factors)
+        out = base(x)
+        if grad:
+            return LoraDeltaFunction.apply(out, x, drop, scales, *factors)
+        # inference: the same math without autograd bookkeeping, added into the base output in place
+        out = out if out.is_contiguous() else out.contiguous()
+        flat = out.view(-1, out.shape[-1])                                # (N, d)
+        xf = x.reshape(-1, x.shape[-1]).to(flat.dtype)                    # (N, k)
+        xm = drop.masked(xf) if drop is not None else xf
+        for i, s in enumerate(scales):
+            a, b = factors[2 * i].to(flat.dtype), factors[2 * i + 1].to(flat.dtype)
+            flat.addmm_(torch.mm(xm, a.t()), b.t(), alpha=s)
+        return out
+
+    def _fold_pays(self, x: Tensor) -> bool:
+        """Inference on a long input: is one pass over W' = W + Σ s·B·A cheaper than the branches?
+
+        The branches cost a read of x (N, k) and a read-write of y (N, d); folding costs a read of
+        W and a write of W' (d, k) plus the rank-r product. Float32 nn.Linear / Conv1D only: in
+        half precision W' would round the update away.
+        """
+        base = self.base_layer
+        if type(base) not in _PLAIN_LINEAR or base.weight.dtype != torch.float32 or compute_dtype(x) != torch.float32:
+            return False
+        rows = x.numel() // self.in_features
+        return rows * (self.in_features + 2 * self.out_features) > FOLD_RATIO * base.weight.numel()
+
+    def _folded_forward(self, x: Tensor, scales: tuple[float, ...], factors: list[Tensor]) -> Tensor:
+        """x W'ᵀ + b with a temporary W' = W + Σ s·B·A: exact math, the base weight untouched."""
+        base = self.base_layer
+        w = base.weight.detach()
+        for i, s in enumerate(scales):
+            a, b = factors[2 * i].detach(), factors[2 * i + 1].detach()     # (r, k), (d, r)
+            lhs, rhs = (a.t(), b.t()) if self.fan_in_fan_out else (b, a)      # W stored (k, d) / (d, k)
+            w = torch.addmm(w, lhs, rhs, alpha=s) if i == 0 else w.addmm_(lhs, rhs, alpha=s)
+        return F.linear(x, w.t() if self.fan_in_fan_out else w, base.bias)
+
+    def stacked_factors(self, rows: list[str | None], device: torch.device,
+                        dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """A (len(rows), r_max, k) and s·B (len(rows), d, r_max): entry i for adapter rows[i].
+
+        Two stacks and one scale, not work per adapter. None, an adapter this layer lacks and
+        the ranks beyond an adapter's own r are zeros, which add exactly nothing.
+        """
+        present = [self.adapters[n] if n is not None and n in self.adapters else None for n in rows]
+        r = max((ad.r for ad in present if ad is not None), default=1)
+        k, d = self.in_features, self.out_features
+        with torch.no_grad():
+            if all(ad is None or ad.r == r for ad in present):
+                zero_a = torch.zeros(r, k, device=device, dtype=dtype)
+                zero_b = torch.zeros(d, r, device=device, dtype=dtype)
+                a = torch.stack([zero_a if ad is None else ad.lora_A.weight.to(device, dtype) for ad in present])
+                b = torch.stack([zero_b if ad is None else ad.lora_B.weight.to(device, dtype) for ad in present])
+            else:
+                a = torch.zeros(len(rows), r, k, device=device, dtype=dtype)
+                b = torch.zeros(len(rows), d, r, device=device, dtype=dtype)
+                for j, ad in enumerate(present):
+                    if ad is not None:
+                        a[j, : ad.r] = ad.lora_A.weight
+                        b[j, :, : ad.r] = ad.lora_B.weight
+            scale = torch.tensor([0.0 if ad is None else ad.scaling for ad in present], dtype=dtype)
+            b.mul_(scale.to(device).view(-1, 1, 1))
+        return a, b
+
+    def _routed_forward(self, x: Tensor, routing: Routing, *args, **kwargs) -> Tensor:
+        """Mixed batch in two batched matmuls: row i's A and s·B are gathered once per routing.
+
+            out (b, L, d) += bmm(bmm(x (b, L, k), A_rowsᵀ), (s·B)_rowsᵀ)     A_rows (b, r, k), B_rows (b, d, r)
+
+        A row whose adapter is missing here (or None) gathers zeros. DoRA adapters, inputs that
+        need gradients and dropout in training mode take the generic per-adapter path.
+        """
+        present = [self.adapters[a] for a in routing.adapters if a in self.adapters]
+        if (x.dim() < 2 or torch.is_grad_enabled() and x.requires_grad or any(dora.is_dora(ad) for ad in present)
+                or self.training and any(ad.dropout > 0 for ad in present)):
+            return super()._routed_forward(x, routing, *args, **kwargs)
+        out = self.base_layer(x, *args, **kwargs)
+        if not present:
             return out
-        if self._fusable():
-            base = self.base_layer
-            return LoraLinearFunction.apply(x, base.weight, base.bias, self.fan_in_fan_out, p, scales, *factors)
-        return LoraDeltaFunction.apply(self.base_layer(x), x, p, scales, *factors)
+        out = out if out.is_contiguous() else out.contiguous()
+        b = x.shape[0]
+        a_rows, b_rows = routing.row_factors(self, b, out.device, out.dtype)  # (b, r, k), (b, d, r)
+        x3 = x.reshape(b, -1, x.shape[-1]).to(out.dtype)                    # (b, L, k)
+        xa = torch.bmm(x3, a_rows.transpose(1, 2))                          # (b, L, r)
+        out.view(b, -1, out.shape[-1]).baddbmm_(xa, b_rows.transpose(1, 2))
+        return out
+
+
+FOLD_RATIO = 2.5  # fold when N·(k + 2d) > FOLD_RATIO · d·k (measured break-even, fp32, CPU)
+_PLAIN_LINEAR = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+
+
+def _linear(weight: Tensor) -> nn.Linear:
+    """An nn.Linear (no bias) around `weight` (out, in), without nn.Linear's own kaiming init:
+    the adapter's init (or a loader) fills it, so initialising twice would only cost time.
+    Built the way nn.Linear.__init__ leaves it, minus reset_parameters (inject makes 420 of these)."""
+    lin = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(lin)
+    lin.__dict__.update(in_features=weight.shape[1], out_features=weight.shape[0])
+    lin._parameters["weight"] = nn.Parameter(weight)
+    lin._parameters["bias"] = None
+    return lin
 
 
 def _lora_delta(x: Tensor, factors: list[Tensor], scales: tuple[float, ...], p: float,

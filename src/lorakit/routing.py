@@ -1,7 +1,9 @@
 """Per-row adapter routing: row i of a batch uses adapter names[i] (None = the base model).
 
 The names become index tensors once per batch shape and device, then every LoRA layer reuses
-them: no layer turns strings into indices on its own, and no layer loops over rows.
+them: no layer turns strings into indices on its own, and no layer loops over rows. A linear
+layer's per-row factors are gathered once per routing too (`row_factors`), so each forward is
+two batched matmuls, in prefill and in every decoding step alike.
 """
 
 from __future__ import annotations
@@ -47,10 +49,23 @@ class Routing:
         if key not in self._cache:
             slot = {a: i for i, a in enumerate(self.adapters)}
             rows = self._rows(batch)
-            self._cache[key] = torch.tensor([slot.get(n, len(self.adapters)) if n is not None else len(self.adapters)
-                                             for n in rows], dtype=torch.long, device=device)
+            self._cache[key] = torch.tensor([slot[n] if n is not None else len(self.adapters) for n in rows],
+                                            dtype=torch.long, device=device)
         return self._cache[key]
 
     def layer_cache(self, layer: object) -> dict:
         """Scratch space for one layer during this routing (e.g. its stacked adapter weights)."""
         return self._cache.setdefault(("layer", id(layer)), {})
+
+    def row_factors(self, layer, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Row i's A (batch, r, k) and s·B (batch, d, r) for `layer`, built once per routing.
+
+        `layer.stacked_factors` lays the factors out by row (zeros for base-model rows) in two
+        stacks. Memory: batch · r · (k + d) per layer, held while the routing lives (the
+        `per_row` block), reused by every forward inside it (each decoding step).
+        """
+        cache = self.layer_cache(layer)
+        key = (batch, device, dtype)
+        if key not in cache:
+            cache[key] = layer.stacked_factors(self._rows(batch), device, dtype)
+        return cache[key]
