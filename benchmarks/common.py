@@ -72,15 +72,21 @@ def clone(model):
     return copy.deepcopy(model)
 
 
-def alternate(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+def alternate(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1,
+              settle: int = 0) -> dict[str, list[float]]:
     """Seconds per call of each fn, timed round-robin: warm-up rounds first, then `reps` rounds.
 
-    A fn that returns a float has timed itself (its set-up stays out of the number).
+    A fn that returns a float has timed itself (its set-up stays out of the number). `settle`
+    untimed calls of the same fn run right before each timed one: a training step's speed
+    depends on the heap the previous step left (pages freed back to the OS must be faulted in
+    again), so without them each side would be timed on its predecessor's heap.
     """
     times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(warmup + reps):
         for key, fn in fns.items():
             gc.collect()
+            for _ in range(settle if i >= warmup else 0):
+                fn()
             t0 = time.perf_counter()
             out = fn()
             dt = out if isinstance(out, float) else time.perf_counter() - t0

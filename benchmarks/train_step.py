@@ -115,7 +115,7 @@ def main() -> None:
         with torch.no_grad():
             base(input_ids=ids)
     fns[("forward", 0.0)] = forward
-    times = C.alternate(fns, reps)
+    times = C.alternate(fns, reps, settle=1)
     m = {k: C.med(v) for k, v in times.items()}
 
     mem = {}
@@ -144,7 +144,8 @@ def main() -> None:
     print(C.header("Train step: lorakit vs PEFT", args))
     shape = tuple(ids.shape)
     print(f"batch {shape[0]} x {shape[1]} tokens, r=16, alpha=32, all 7 projections, AdamW; median of {reps} "
-          f"alternating steps after 1 warm-up; peak RSS of a fresh process per side\n")
+          f"alternating rounds after 1 warm-up, each side timed on its second step in a row; peak RSS of a fresh "
+          f"process per side\n")
     print(C.table(["step", "lorakit", "PEFT", "lorakit / PEFT", "vs full FT (lorakit / PEFT)", "peak RSS lorakit",
                    "peak RSS PEFT", "RSS lorakit / PEFT"], rows))
     d0 = [abs(a - b) for a, b in zip(losses[("lorakit", 0.0)], losses[("peft", 0.0)])]

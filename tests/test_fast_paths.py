@@ -225,9 +225,7 @@ def test_no_mask_sized_tensor_is_saved_for_backward():
 @pytest.mark.parametrize("conv1d", [False, True])
 def test_inference_merged_and_unmerged_match_formula(conv1d, fold, monkeypatch):
     """Unmerged inference has two paths: branches added into y, or (long inputs) a folded W'."""
-    from lorakit import layers
-
-    monkeypatch.setattr(layers, "FOLD_RATIO", 0.0 if fold else float("inf"))
+    monkeypatch.setattr(kernels, "FOLD_RATIO", 0.0 if fold else float("inf"))
     lin = Conv1D(6, 9) if conv1d else nn.Linear(9, 6)
     model = wrap(lin=lin)
     lorakit.inject(model, LoraConfig(r=3, alpha=6, target_modules=["lin"]))

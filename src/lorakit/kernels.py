@@ -47,15 +47,27 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 # --- dropout ------------------------------------------------------------------------------------------
 def keep_mask(shape: tuple[int, ...], p: float, device: torch.device,
-              generator: torch.Generator | None = None) -> Tensor:
-    """Bool mask with P(True) = 1 - p: one byte per element, no float temporary."""
+              generator: torch.Generator | None = None, dtype: torch.dtype = torch.bool) -> Tensor:
+    """Keep-mask with P(keep) = 1 - p, as bool or as 0./1. in a float `dtype`."""
     if device.type != "cpu":
-        return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=generator)
+        mask = torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=generator)
+        return mask if dtype == torch.bool else mask.to(dtype)
     n = math.prod(shape)
-    words = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-2**63, None, generator=generator)
+    words = _scratch("words", (n + 1) // 2, torch.int64).random_(-2**63, None, generator=generator)
     bits = words.view(torch.int32)[:n]                                  # uniform over all int32 values
     threshold = min(round(p * 2**32) - 2**31, 2**31 - 1)               # P(bits < threshold) = p
-    return (bits >= threshold).view(shape)
+    keep = torch.ge(bits, threshold, out=_scratch("keep", n, torch.bool)).view(shape)
+    return keep.clone() if dtype == torch.bool else keep.to(dtype)
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype) -> Tensor:
+    """A per-thread CPU buffer reused call after call, for temporaries that die inside one call
+    (keep_mask's random words and bool mask, backward's pre-mask dL/dx): allocating them afresh
+    each time churns, and fragments, the heap."""
+    buf = _last.scratch.get((name, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = _last.scratch[(name, dtype)] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
 
 
 class SharedDropout:
@@ -82,14 +94,20 @@ class SharedDropout:
         """The keep-mask as 0./1. in `dtype` (a float multiplier: bool-to-float ops are slow on CPU)."""
         if self._mask is None or self._mask.dtype != dtype:
             gen = torch.Generator(device=self.device).manual_seed(self.seed)
-            self._mask = keep_mask(self.shape, self.p, self.device, gen).to(dtype)
+            self._mask = keep_mask(self.shape, self.p, self.device, gen, dtype)
         return self._mask
 
-    def masked(self, xf: Tensor) -> Tensor:
-        """x ⊙ mask in xf's dtype, built once and reused by the other branches."""
+    def masked(self, xf: Tensor, keep_mask: bool = False) -> Tensor:
+        """x ⊙ mask in xf's dtype, built once and reused by the other branches.
+
+        Forward needs only this product, so the (N, k) mask goes as soon as it is made unless
+        `keep_mask` (backward, which also masks dL/dx).
+        """
         xm = self._masked
         if xm is None or xm.dtype != xf.dtype:
             xm = self._masked = xf * self.mask(xf.dtype)
+            if not keep_mask:
+                self._mask = None
         return xm
 
     def release(self) -> None:
@@ -109,6 +127,7 @@ class _LastDraw(threading.local):
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.drop: SharedDropout | None = None
+        self.scratch: dict[tuple[str, torch.dtype], Tensor] = {}
 
 
 _last = _LastDraw()
@@ -169,15 +188,16 @@ def _lora_backward(ctx, g: Tensor, xf: Tensor, factors, xas, gx: Tensor | None,
         grad_a = grad_b = None
         if ctx.needs_input_grad[first_factor + 2 * i]:
             if xm is None:
-                xm = drop.masked(xf)                                     # shared by q/k/v: built once
+                xm = drop.masked(xf, keep_mask=True)                     # shared by q/k/v: built once
             grad_a = torch.mm(gxa.t(), xm).to(a_param.dtype)             # (r, k)
         if ctx.needs_input_grad[first_factor + 2 * i + 1]:
             grad_b = torch.mm(xas[i].to(dtype).t(), g).mul_(s).t().to(b_param.dtype)  # (d, r)
         if gx is not None:
             if drop is None:
                 gx.addmm_(gxa, a)
-            elif lora_gx is None:
-                lora_gx = torch.mm(gxa, a)
+            elif lora_gx is None:  # consumed by the addcmul_ below: a reused buffer will do (CPU)
+                out = _scratch("lora_gx", gx.numel(), dtype).view(gx.shape) if gx.device.type == "cpu" else None
+                lora_gx = torch.mm(gxa, a, out=out)
             else:
                 lora_gx.addmm_(gxa, a)
         grads += [grad_a, grad_b]
@@ -265,3 +285,31 @@ class LoraDeltaFunction(torch.autograd.Function):
         if gx is not None:
             gx = gx.view(*grad_out.shape[:-1], gx.shape[-1]).to(ctx.x_dtype)
         return (grad_out, gx, None, None, *grads)
+
+
+# --- inference on long inputs -------------------------------------------------------------------------
+FOLD_RATIO = 2.5  # fold when N·(k + 2d) > FOLD_RATIO · d·k: the measured break-even on CPU, float32
+
+
+def fold_pays(x: Tensor, weight: Tensor, d: int) -> bool:
+    """Inference on a long input: is one pass over W' = W + Σ s·B·A cheaper than the branches?
+
+    The branches cost a read of x (N, k) and a read-write of y (N, d); folding costs a read of W
+    and a write of W' (d, k) plus the rank-r product, whatever N is. Float32 only: in half
+    precision W' would round the update away.
+    """
+    if weight.dtype != torch.float32 or compute_dtype(x) != torch.float32:
+        return False
+    k = x.shape[-1]
+    return (x.numel() // k) * (k + 2 * d) > FOLD_RATIO * weight.numel()
+
+
+def folded_linear(x: Tensor, weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool,
+                  scales: tuple[float, ...], factors: list[Tensor]) -> Tensor:
+    """x W'ᵀ + b with a temporary W' = W + Σ s_i B_i A_i: the same math, the base weight untouched."""
+    w = weight.detach()
+    for i, s in enumerate(scales):
+        a, b = factors[2 * i].detach(), factors[2 * i + 1].detach()     # (r, k), (d, r)
+        lhs, rhs = (a.t(), b.t()) if fan_in_fan_out else (b, a)          # W stored (k, d) / (d, k)
+        w = torch.addmm(w, lhs, rhs, alpha=s) if i == 0 else w.addmm_(lhs, rhs, alpha=s)
+    return torch.nn.functional.linear(x, w.t() if fan_in_fan_out else w, bias)

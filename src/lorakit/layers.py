@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import dora, qlora
-from .kernels import LoraDeltaFunction, LoraLinearFunction, compute_dtype, shared_dropout
+from .kernels import LoraDeltaFunction, LoraLinearFunction, compute_dtype, fold_pays, folded_linear, shared_dropout
 
 if TYPE_CHECKING:
     from .config import LoraConfig
@@ -252,10 +252,13 @@ class LoraLinear(LoraLayer):
                 w.addmm_(b, a, alpha=sign * ad.scaling)
         return True
 
-    def _fusable(self) -> bool:
+    def _plain_base(self) -> bool:
+        """An exact nn.Linear / Conv1D (not a subclass or a quantized linear): its math is known."""
         base = self.base_layer
-        plain = type(base) is nn.Linear or (Conv1D and type(base) is Conv1D)
-        return plain and not base.weight.requires_grad
+        return type(base) is nn.Linear or bool(Conv1D) and type(base) is Conv1D
+
+    def _fusable(self) -> bool:
+        return self._plain_base() and not self.base_layer.weight.requires_grad
 
     def _lora_forward(self, x: Tensor, names: list[str], *args, _delta_only: bool = False, **kwargs) -> Tensor:
         if any(dora.is_dora(self.adapters[n]) for n in names):
@@ -282,8 +285,8 @@ class LoraLinear(LoraLayer):
                                             or (bias is not None and bias.requires_grad))
         if grad and self._fusable():
             return LoraLinearFunction.apply(x, base.weight, bias, self.fan_in_fan_out, drop, scales, *factors)
-        if not grad and drop is None and self._fold_pays(x):
-            return self._folded_forward(x, scales, factors)
+        if not grad and drop is None and self._plain_base() and fold_pays(x, base.weight, self.out_features):
+            return folded_linear(x, base.weight, bias, self.fan_in_fan_out, scales, factors)
         out = base(x)
         if grad:
             return LoraDeltaFunction.apply(out, x, drop, scales, *factors)
@@ -296,56 +299,6 @@ class LoraLinear(LoraLayer):
             a, b = factors[2 * i].to(flat.dtype), factors[2 * i + 1].to(flat.dtype)
             flat.addmm_(torch.mm(xm, a.t()), b.t(), alpha=s)
         return out
-
-    def _fold_pays(self, x: Tensor) -> bool:
-        """Inference on a long input: is one pass over W' = W + Σ s·B·A cheaper than the branches?
-
-        The branches cost a read of x (N, k) and a read-write of y (N, d); folding costs a read of
-        W and a write of W' (d, k) plus the rank-r product. Float32 nn.Linear / Conv1D only: in
-        half precision W' would round the update away.
-        """
-        base = self.base_layer
-        if type(base) not in _PLAIN_LINEAR or base.weight.dtype != torch.float32 or compute_dtype(x) != torch.float32:
-            return False
-        rows = x.numel() // self.in_features
-        return rows * (self.in_features + 2 * self.out_features) > FOLD_RATIO * base.weight.numel()
-
-    def _folded_forward(self, x: Tensor, scales: tuple[float, ...], factors: list[Tensor]) -> Tensor:
-        """x W'ᵀ + b with a temporary W' = W + Σ s·B·A: exact math, the base weight untouched."""
-        base = self.base_layer
-        w = base.weight.detach()
-        for i, s in enumerate(scales):
-            a, b = factors[2 * i].detach(), factors[2 * i + 1].detach()     # (r, k), (d, r)
-            lhs, rhs = (a.t(), b.t()) if self.fan_in_fan_out else (b, a)      # W stored (k, d) / (d, k)
-            w = torch.addmm(w, lhs, rhs, alpha=s) if i == 0 else w.addmm_(lhs, rhs, alpha=s)
-        return F.linear(x, w.t() if self.fan_in_fan_out else w, base.bias)
-
-    def stacked_factors(self, rows: list[str | None], device: torch.device,
-                        dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """A (len(rows), r_max, k) and s·B (len(rows), d, r_max): entry i for adapter rows[i].
-
-        Two stacks and one scale, not work per adapter. None, an adapter this layer lacks and
-        the ranks beyond an adapter's own r are zeros, which add exactly nothing.
-        """
-        present = [self.adapters[n] if n is not None and n in self.adapters else None for n in rows]
-        r = max((ad.r for ad in present if ad is not None), default=1)
-        k, d = self.in_features, self.out_features
-        with torch.no_grad():
-            if all(ad is None or ad.r == r for ad in present):
-                zero_a = torch.zeros(r, k, device=device, dtype=dtype)
-                zero_b = torch.zeros(d, r, device=device, dtype=dtype)
-                a = torch.stack([zero_a if ad is None else ad.lora_A.weight.to(device, dtype) for ad in present])
-                b = torch.stack([zero_b if ad is None else ad.lora_B.weight.to(device, dtype) for ad in present])
-            else:
-                a = torch.zeros(len(rows), r, k, device=device, dtype=dtype)
-                b = torch.zeros(len(rows), d, r, device=device, dtype=dtype)
-                for j, ad in enumerate(present):
-                    if ad is not None:
-                        a[j, : ad.r] = ad.lora_A.weight
-                        b[j, :, : ad.r] = ad.lora_B.weight
-            scale = torch.tensor([0.0 if ad is None else ad.scaling for ad in present], dtype=dtype)
-            b.mul_(scale.to(device).view(-1, 1, 1))
-        return a, b
 
     def _routed_forward(self, x: Tensor, routing: Routing, *args, **kwargs) -> Tensor:
         """Mixed batch in two batched matmuls: row i's A and s·B are gathered once per routing.
@@ -369,10 +322,6 @@ class LoraLinear(LoraLayer):
         xa = torch.bmm(x3, a_rows.transpose(1, 2))                          # (b, L, r)
         out.view(b, -1, out.shape[-1]).baddbmm_(xa, b_rows.transpose(1, 2))
         return out
-
-
-FOLD_RATIO = 2.5  # fold when N·(k + 2d) > FOLD_RATIO · d·k (measured break-even, fp32, CPU)
-_PLAIN_LINEAR = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 
 
 def _linear(weight: Tensor) -> nn.Linear:

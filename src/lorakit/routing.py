@@ -60,12 +60,39 @@ class Routing:
     def row_factors(self, layer, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Row i's A (batch, r, k) and s·B (batch, d, r) for `layer`, built once per routing.
 
-        `layer.stacked_factors` lays the factors out by row (zeros for base-model rows) in two
+        `stacked_factors` lays the factors out by row (zeros for base-model rows) in two
         stacks. Memory: batch · r · (k + d) per layer, held while the routing lives (the
         `per_row` block), reused by every forward inside it (each decoding step).
         """
         cache = self.layer_cache(layer)
         key = (batch, device, dtype)
         if key not in cache:
-            cache[key] = layer.stacked_factors(self._rows(batch), device, dtype)
+            cache[key] = stacked_factors(layer, self._rows(batch), device, dtype)
         return cache[key]
+
+
+def stacked_factors(layer, rows: list[str | None], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A (len(rows), r_max, k) and s·B (len(rows), d, r_max) of a LoraLinear: entry i for adapter rows[i].
+
+    Two stacks and one scale, not work per adapter. None, an adapter the layer lacks and the
+    ranks beyond an adapter's own r are zeros, which add exactly nothing.
+    """
+    present = [layer.adapters[n] if n is not None and n in layer.adapters else None for n in rows]
+    r = max((ad.r for ad in present if ad is not None), default=1)
+    k, d = layer.in_features, layer.out_features
+    with torch.no_grad():
+        if all(ad is None or ad.r == r for ad in present):
+            zero_a = torch.zeros(r, k, device=device, dtype=dtype)
+            zero_b = torch.zeros(d, r, device=device, dtype=dtype)
+            a = torch.stack([zero_a if ad is None else ad.lora_A.weight.to(device, dtype) for ad in present])
+            b = torch.stack([zero_b if ad is None else ad.lora_B.weight.to(device, dtype) for ad in present])
+        else:
+            a = torch.zeros(len(rows), r, k, device=device, dtype=dtype)
+            b = torch.zeros(len(rows), d, r, device=device, dtype=dtype)
+            for j, ad in enumerate(present):
+                if ad is not None:
+                    a[j, : ad.r] = ad.lora_A.weight
+                    b[j, :, : ad.r] = ad.lora_B.weight
+        scale = torch.tensor([0.0 if ad is None else ad.scaling for ad in present], dtype=dtype)
+        b.mul_(scale.to(device).view(-1, 1, 1))                      # (len(rows), d, r): s·B
+    return a, b
