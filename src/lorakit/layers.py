@@ -305,8 +305,10 @@ class LoraLinear(LoraLayer):
 
             out (b, L, d) += bmm(bmm(x (b, L, k), A_rowsᵀ), (s·B)_rowsᵀ)     A_rows (b, r, k), B_rows (b, d, r)
 
-        A row whose adapter is missing here (or None) gathers zeros. DoRA adapters, inputs that
-        need gradients and dropout in training mode take the generic per-adapter path.
+        A generate() pays for the gathering once, then runs two ops per layer per step (a loop
+        over adapters would run two per adapter, each with its own threading overhead). Rows
+        with None or an adapter this layer lacks gather zeros. DoRA adapters, inputs that need
+        gradients and dropout in training mode take the generic per-adapter path.
         """
         present = [self.adapters[a] for a in routing.adapters if a in self.adapters]
         if (x.dim() < 2 or torch.is_grad_enabled() and x.requires_grad or any(dora.is_dora(ad) for ad in present)
