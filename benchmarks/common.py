@@ -105,6 +105,12 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def ratio(num: list[float], den: list[float]) -> float:
+    """Median of the per-round ratios num[i] / den[i]: the two were timed next to each other, so a
+    slow spell of the machine cancels out of each ratio (a ratio of medians would keep it)."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
 def fmt_s(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 

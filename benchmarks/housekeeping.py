@@ -74,12 +74,13 @@ def main() -> None:
     rows = []
     for op, (ours_name, theirs_name) in names.items():
         lk, pf = m[(op, "lorakit")], m[(op, "peft")]
-        rows.append([f"{ours_name} vs {theirs_name}", C.fmt_s(lk), C.fmt_s(pf), f"{lk / pf:.2f}x",
-                     f"**{pf / lk:.1f}x faster**"])
+        t_lk, t_pf = times[(op, "lorakit")], times[(op, "peft")]
+        rows.append([f"{ours_name} vs {theirs_name}", C.fmt_s(lk), C.fmt_s(pf), f"{C.ratio(t_lk, t_pf):.2f}x",
+                     f"**{C.ratio(t_pf, t_lk):.1f}x faster**"])
     print(C.header("Housekeeping: inject, load, merge_and_unload", args))
     layers = C.smollm2_config(args.quick).num_hidden_layers
-    print(f"{layers} layers, {layers * 7} adapted modules, r=16; median of {reps} alternating runs after 1 warm-up, "
-          f"each on a fresh copy of the base\n")
+    print(f"{layers} layers, {layers * 7} adapted modules, r=16; times: median of {reps} alternating runs after 1 "
+          f"warm-up, each on a fresh copy of the base; ratios: median of the per-round ratios\n")
     print(C.table(["operation", "lorakit", "PEFT", "lorakit / PEFT", "speed-up"], rows))
     print(f"\nmerged models agree: max |logit difference| {diff:.1e}")
     C.dump(args.json, {f"{k[0]}@{k[1]}": v for k, v in times.items()})

@@ -109,21 +109,22 @@ def main() -> None:
 
     m = {sec: {k: C.med(v) for k, v in d.items()} for sec, d in results.items()}
     rows = []
-    b = m["one"]["base"]
     for k in ("base", "lorakit unmerged", "lorakit merged", "PEFT unmerged"):
-        rows.append([f"one adapter, {k}", f"{tuple(x_one.shape)}", C.fmt_s(m['one'][k]), f"**{m['one'][k] / b:.3f}x**", ""])
-    b = m["prefill"]["base"]
+        rows.append([f"one adapter, {k}", f"{tuple(x_one.shape)}", C.fmt_s(m['one'][k]),
+                     f"**{C.ratio(results['one'][k], results['one']['base']):.3f}x**", ""])
     for k in ("base", "lorakit per_row", "PEFT adapter_names"):
         rows.append([f"mixed prefill, {k}", f"{tuple(x_pre.shape)}", C.fmt_s(m['prefill'][k]),
-                     f"**{m['prefill'][k] / b:.3f}x**", ""])
+                     f"**{C.ratio(results['prefill'][k], results['prefill']['base']):.3f}x**", ""])
     tokens = N_ADAPTERS * new
-    pf = m["decode"]["PEFT adapter_names"]
+    dec = results["decode"]
     for k in ("base", "lorakit per_row", "PEFT adapter_names"):
         t = m["decode"][k]
         rows.append([f"mixed decode, {k}", f"{tuple(x_gen.shape)} + {new}", C.fmt_s(t),
-                     f"{t / m['decode']['base']:.2f}x", f"{tokens / t:.0f} tok/s (**{pf / t:.2f}x PEFT**)"])
+                     f"{C.ratio(dec[k], dec['base']):.2f}x",
+                     f"{tokens / t:.0f} tok/s (**{C.ratio(dec['PEFT adapter_names'], dec[k]):.2f}x PEFT**)"])
     print(C.header("Inference: one adapter, and 16 adapters in one batch", args))
-    print(f"r=16 on all 7 projections, no grad, eval; median of {reps} alternating runs after 1 warm-up\n")
+    print(f"r=16 on all 7 projections, no grad, eval; times: median of {reps} alternating runs after 1 warm-up; "
+          f"ratios: median of the per-round ratios\n")
     print(C.table(["run", "input", "time", "vs base", "tokens/s"], rows))
     print(f"\nchecks: one adapter lorakit vs PEFT max |logit diff| {diff_one:.1e}; merged vs unmerged {diff_merged:.1e}; "
           f"mixed prefill lorakit vs PEFT {diff_pre:.1e}; mixed greedy tokens identical: {same_tokens}")

@@ -129,23 +129,26 @@ def main() -> None:
         mem = {k: C.med(v) for k, v in runs.items()}
 
     full, fwd = m[("full", 0.0)], m[("forward", 0.0)]
+    t_full = times[("full", 0.0)]
     rows = []
     for p_drop in (0.05, 0.0):
         lk, pf = m[("lorakit", p_drop)], m[("peft", p_drop)]
+        t_lk, t_pf = times[("lorakit", p_drop)], times[("peft", p_drop)]
         mem_lk, mem_pf = mem.get(("lorakit", p_drop)), mem.get(("peft", p_drop))
-        rows.append([f"LoRA step, dropout {p_drop:g}", C.fmt_s(lk), C.fmt_s(pf), f"**{lk / pf:.2f}x**",
-                     f"{lk / full:.2f}x / {pf / full:.2f}x",
+        rows.append([f"LoRA step, dropout {p_drop:g}", C.fmt_s(lk), C.fmt_s(pf), f"**{C.ratio(t_lk, t_pf):.2f}x**",
+                     f"{C.ratio(t_lk, t_full):.2f}x / {C.ratio(t_pf, t_full):.2f}x",
                      f"{mem_lk:.0f} MB" if mem_lk else "-", f"{mem_pf:.0f} MB" if mem_pf else "-",
                      f"**{mem_lk / mem_pf:.2f}x**" if mem_lk else "-"])
     mem_full = mem.get(("full", 0.0))
     rows.append(["full fine-tuning step", C.fmt_s(full), "", "", "1.00x", f"{mem_full:.0f} MB" if mem_full else "-",
                  "", ""])
-    rows.append(["no-grad forward (base)", C.fmt_s(fwd), "", "", f"{fwd / full:.2f}x", "", "", ""])
+    rows.append(["no-grad forward (base)", C.fmt_s(fwd), "", "", f"{C.ratio(times[('forward', 0.0)], t_full):.2f}x",
+                 "", "", ""])
     print(C.header("Train step: lorakit vs PEFT", args))
     shape = tuple(ids.shape)
-    print(f"batch {shape[0]} x {shape[1]} tokens, r=16, alpha=32, all 7 projections, AdamW; median of {reps} "
-          f"alternating rounds after 1 warm-up, each side timed on its second step in a row; peak RSS of a fresh "
-          f"process per side\n")
+    print(f"batch {shape[0]} x {shape[1]} tokens, r=16, alpha=32, all 7 projections, AdamW; times: median of {reps} "
+          f"alternating rounds after 1 warm-up, each side timed on its second step in a row; ratios: median of the "
+          f"per-round ratios; peak RSS: a fresh process per side\n")
     print(C.table(["step", "lorakit", "PEFT", "lorakit / PEFT", "vs full FT (lorakit / PEFT)", "peak RSS lorakit",
                    "peak RSS PEFT", "RSS lorakit / PEFT"], rows))
     d0 = [abs(a - b) for a, b in zip(losses[("lorakit", 0.0)], losses[("peft", 0.0)])]

@@ -20,8 +20,10 @@ gate/up of a gated MLP) share one mask, drawn once (`SharedDropout`): each branc
 inverted dropout of its input with probability p, as in PEFT, but the branches' masks are the
 same draw instead of independent ones. The masked input xm is computed once for all of them,
 in forward and again in backward. On CPU a mask is 32-bit random integers against a threshold
-(P(drop) = p to within 2⁻³³), about three times faster than ``bernoulli_``; elsewhere
-``bernoulli_``.
+(P(drop) = p to within 2⁻³³), about twice as fast as ``bernoulli_``; elsewhere ``bernoulli_``.
+
+Inference on long inputs (`fold_pays`, `folded_linear`) multiplies by a temporary
+W' = W + Σ s·B·A instead: the same math, one pass over W instead of two over the activations.
 
 The math is exactly ``base(x) + s * B(A(dropout(x)))``: tests compare values and gradients with
 the plain formula and with PEFT.
@@ -75,9 +77,10 @@ class SharedDropout:
 
     Nothing mask-sized is kept for backward: the draw is a seed (taken from torch's default
     generator, so ``torch.manual_seed`` and checkpointing's RNG replay reproduce it), and
-    backward draws the same mask again. Forward builds the mask and xm = x ⊙ mask (N, k) once
-    for all branches and drops both as soon as another input arrives; backward rebuilds them
-    once and drops them after the last branch that counted itself in (`users`).
+    backward draws the same mask again. Forward builds xm = x ⊙ mask (N, k) once for all the
+    branches (the mask itself goes right away) and drops it when another input arrives;
+    backward rebuilds mask and xm once and drops them after the last branch that counted
+    itself in (`users`).
     """
 
     __slots__ = ("seed", "p", "shape", "device", "users", "readers", "_mask", "_masked")
