@@ -115,6 +115,15 @@ def main() -> None:
         with torch.no_grad():
             base(input_ids=ids)
     fns[("forward", 0.0)] = forward
+
+    # The floor for any LoRA step: the frozen base's forward and its backward to the inputs (the
+    # gradient every LoRA factor needs flows through every frozen matmul), no LoRA at all.
+    frozen = C.clone(base).requires_grad_(False)
+    embeds = frozen.get_input_embeddings()(ids).detach()
+
+    def floor():
+        frozen(inputs_embeds=embeds.clone().requires_grad_(True), labels=ids).loss.backward()
+    fns[("floor", 0.0)] = floor
     times = C.alternate(fns, reps, settle=1)
     m = {k: C.med(v) for k, v in times.items()}
 
@@ -144,6 +153,10 @@ def main() -> None:
                  "", ""])
     rows.append(["no-grad forward (base)", C.fmt_s(fwd), "", "", f"{C.ratio(times[('forward', 0.0)], t_full):.2f}x",
                  "", "", ""])
+    t_floor = times[("floor", 0.0)]
+    rows.append(["floor: frozen base forward + backward, no LoRA", C.fmt_s(m[("floor", 0.0)]),
+                 f"{C.ratio(t_floor, times[('peft', 0.05)]):.2f}x / {C.ratio(t_floor, times[('peft', 0.0)]):.2f}x "
+                 f"of PEFT's step (dropout 0.05 / 0)", "", f"{C.ratio(t_floor, t_full):.2f}x", "", "", ""])
     print(C.header("Train step: lorakit vs PEFT", args))
     shape = tuple(ids.shape)
     print(f"batch {shape[0]} x {shape[1]} tokens, r=16, alpha=32, all 7 projections, AdamW; times: median of {reps} "

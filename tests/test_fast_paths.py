@@ -208,6 +208,24 @@ def test_keep_mask_probability_is_exact_at_the_ends():
     assert torch.equal(m, again)                                  # a seed is a mask: backward relies on it
 
 
+def test_cpu_drop_rate_is_p_rounded_to_16_bits_and_the_scale_follows_it():
+    cpu = torch.device("cpu")
+    assert kernels.drop_rate(0.05, cpu) == 3277 / 65536                  # |0.05 - rate| < 2**-17
+    assert kernels.drop_rate(0.25, cpu) == 0.25
+    assert kernels.drop_rate(0.0, cpu) == 0.0
+    gen = torch.Generator().manual_seed(1)
+    m = kernels.keep_mask((400_000,), 0.05, cpu, gen, dtype=torch.float32)
+    assert set(m.unique().tolist()) == {0.0, 1.0}
+    assert abs(1 - m.mean().item() - 3277 / 65536) < 5 * (0.05 * 0.95 / 400_000) ** 0.5
+    # identity branch, W = 0: the output is s/(1 - rate) · x ⊙ mask, i.e. exactly 0 or x / (1 - rate)
+    model = identity_branch(0.05)
+    x = torch.ones(512, 16)
+    y = model(x)
+    values = y.detach().unique()
+    assert len(values) == 2 and values[0] == 0.0
+    assert values[1].item() == pytest.approx(1 / (1 - 3277 / 65536), rel=1e-6)
+
+
 def test_no_mask_sized_tensor_is_saved_for_backward():
     model = wrap(lin=nn.Linear(64, 64))
     lorakit.inject(model, LoraConfig(r=4, dropout=0.1, target_modules=["lin"]))

@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 import lorakit
 from lorakit import LoraConfig, LoraConv, LoraEmbedding, LoraLinear
 from lorakit.inject import lora_layers, require_state
+from lorakit.kernels import drop_rate
 from tiny import ids, tiny_gpt2, tiny_llama
 
 
@@ -251,18 +252,20 @@ def test_dropout_is_inverted_on_the_lora_branch_only(p):
     a, b, s = ad.lora_A.weight, ad.lora_B.weight, ad.scaling
     base = layer.base_layer(x).detach()                           # the base sees the whole x
     xd = torch.linalg.lstsq(s * b @ a, (y.detach() - base).t()).solution.t()     # (N, k)
-    kept = xd * (1 - p) / x.detach()                              # 1 where kept, 0 where dropped
+    rate = drop_rate(p, x.device)                                 # on CPU: p to 16 bits (kernels.drop_rate)
+    assert abs(rate - p) <= 2**-17
+    kept = xd * (1 - rate) / x.detach()                              # 1 where kept, 0 where dropped
     mask = kept.round()
     assert ((kept - mask).abs().max() < 1e-8) and set(mask.unique().tolist()) <= {0.0, 1.0}
     assert (1 - mask.mean().item()) == pytest.approx(p, abs=0.03)  # 6144 draws: sd 0.006
     # gradients equal the masked formula, written out by hand
     g = torch.randn_like(y)
     (y * g).sum().backward()
-    xdrop = x.detach() * mask / (1 - p)
+    xdrop = x.detach() * mask / (1 - rate)
     assert_close(a.grad, s * (g @ b).t() @ xdrop)
     assert_close(b.grad, s * g.t() @ (xdrop @ a.t()))
     w = layer.base_layer.weight
-    assert_close(x.grad, g @ w + (s * (g @ b) @ a) * mask / (1 - p))
+    assert_close(x.grad, g @ w + (s * (g @ b) @ a) * mask / (1 - rate))
 
 
 def test_each_adapter_keeps_its_own_dropout():

@@ -19,8 +19,9 @@ Dropout: the LoRA branches of modules that read the *same input tensor* (q/k/v o
 gate/up of a gated MLP) share one mask, drawn once (`SharedDropout`): each branch still sees
 inverted dropout of its input with probability p, as in PEFT, but the branches' masks are the
 same draw instead of independent ones. The masked input xm is computed once for all of them,
-in forward and again in backward. On CPU a mask is 32-bit random integers against a threshold
-(P(drop) = p to within 2⁻³³), about twice as fast as ``bernoulli_``; elsewhere ``bernoulli_``.
+in forward and again in backward. On CPU a mask is 16-bit random integers against a threshold
+(P(drop) = p rounded to a multiple of 2⁻¹⁶, and the kept values scaled by the rounded rate, so
+the expectation is exact), written straight out as 0./1. floats; elsewhere ``bernoulli_``.
 
 Inference on long inputs (`fold_pays`, `folded_linear`) multiplies by a temporary
 W' = W + Σ s·B·A instead: the same math, one pass over W instead of two over the activations.
@@ -48,23 +49,40 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 # --- dropout ------------------------------------------------------------------------------------------
+DRAW_BITS = 16  # CPU masks: one 16-bit random draw per element, P(drop) a multiple of 2⁻¹⁶
+
+
+def drop_rate(p: float, device: torch.device) -> float:
+    """The probability `keep_mask` actually drops with: p itself off the CPU; on the CPU, p rounded
+    to a multiple of 2⁻¹⁶ (|error| ≤ 2⁻¹⁷, e.g. 0.05 → 0.0500031). Callers scale the kept
+    values by 1 / (1 - drop_rate), so the expectation is exact."""
+    if device.type != "cpu":
+        return p
+    return min(round(p * 2**DRAW_BITS), 2**DRAW_BITS - 1) / 2**DRAW_BITS
+
+
 def keep_mask(shape: tuple[int, ...], p: float, device: torch.device,
               generator: torch.Generator | None = None, dtype: torch.dtype = torch.bool) -> Tensor:
-    """Keep-mask with P(keep) = 1 - p, as bool or as 0./1. in a float `dtype`."""
+    """Keep-mask with P(keep) = 1 - drop_rate(p, device), as bool or as 0./1. in a float `dtype`.
+
+    On the CPU the draw is 16 random bits per element (64-bit words viewed as int16) compared with
+    a threshold, written straight into the output dtype: about 2.5 times faster than 32-bit draws
+    and a separate bool-to-float conversion, and 5 times faster than ``bernoulli_``, which is what
+    other devices use.
+    """
     if device.type != "cpu":
         mask = torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=generator)
         return mask if dtype == torch.bool else mask.to(dtype)
     n = math.prod(shape)
-    words = _scratch("words", (n + 1) // 2, torch.int64).random_(-2**63, None, generator=generator)
-    bits = words.view(torch.int32)[:n]                                  # uniform over all int32 values
-    threshold = min(round(p * 2**32) - 2**31, 2**31 - 1)               # P(bits < threshold) = p
-    keep = torch.ge(bits, threshold, out=_scratch("keep", n, torch.bool)).view(shape)
-    return keep.clone() if dtype == torch.bool else keep.to(dtype)
+    words = _scratch("words", (n + 3) // 4, torch.int64).random_(-2**63, None, generator=generator)
+    bits = words.view(torch.int16)[:n]                                  # uniform over all int16 values
+    threshold = round(drop_rate(p, device) * 2**DRAW_BITS) - 2**(DRAW_BITS - 1)  # P(bits < threshold) = rate
+    return torch.ge(bits, threshold, out=torch.empty(n, dtype=dtype)).view(shape)
 
 
 def _scratch(name: str, numel: int, dtype: torch.dtype) -> Tensor:
     """A per-thread CPU buffer reused call after call, for temporaries that die inside one call
-    (keep_mask's random words and bool mask, backward's pre-mask dL/dx): allocating them afresh
+    (keep_mask's random words, backward's pre-mask dL/dx): allocating them afresh
     each time churns, and fragments, the heap."""
     buf = _last.scratch.get((name, dtype))
     if buf is None or buf.numel() < numel:

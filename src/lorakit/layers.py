@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import dora, qlora
-from .kernels import LoraDeltaFunction, LoraLinearFunction, compute_dtype, fold_pays, folded_linear, shared_dropout
+from .kernels import LoraDeltaFunction, LoraLinearFunction, compute_dtype, drop_rate, fold_pays, folded_linear, shared_dropout
 
 if TYPE_CHECKING:
     from .config import LoraConfig
@@ -278,7 +278,8 @@ class LoraLinear(LoraLayer):
         drop = None
         if p > 0:  # one mask for every branch that reads this same x (q/k/v, gate/up): kernels.SharedDropout
             drop = shared_dropout(x, p, self)
-            scales = tuple(s / (1.0 - p) for s in scales)               # inverted dropout's 1/(1-p), folded in
+            keep = 1.0 - drop_rate(p, x.device)                         # p as the mask draws it (kernels.drop_rate)
+            scales = tuple(s / keep for s in scales)                    # inverted dropout's 1/(1-p), folded in
         base = self.base_layer
         bias = getattr(base, "bias", None)
         grad = torch.is_grad_enabled() and (x.requires_grad or any(f.requires_grad for f in factors)
