@@ -356,6 +356,26 @@ def test_per_row_factors_are_gathered_once_per_routing(many):
     assert_close(b1[0, :, : ad.r] @ a1[0, : ad.r], ad.scaling * ad.lora_B.weight @ ad.lora_A.weight)
 
 
+def test_adapter_stack_is_reused_across_routings_and_rebuilt_when_an_adapter_changes(many):
+    from lorakit.routing import Routing, adapter_stack
+
+    layer = many.model.layers[0].self_attn.q_proj
+    cpu = torch.device("cpu")
+    _, a1, _ = adapter_stack(layer, cpu, torch.float32)
+    Routing(ROWS).row_factors(layer, len(ROWS), cpu, torch.float32)
+    _, a2, _ = adapter_stack(layer, cpu, torch.float32)
+    assert a1 is a2                                               # a new batch reuses the stack
+    x = ids(len(ROWS), 4, seed=5)
+    ad = layer.adapters["a1"]
+    with torch.no_grad():
+        ad.lora_A.weight.mul_(3.0)                                # in place: the version counter moves
+        with lorakit.per_row(many, ROWS):
+            mixed = many(x).logits
+        alone = one_by_one(many, x, ROWS, lambda xi: many(xi).logits)
+    assert adapter_stack(layer, cpu, torch.float32)[1] is not a1
+    assert_close(mixed, alone, atol=1e-5, rtol=1e-5)              # the change is seen, no stale stack
+
+
 # --- bf16 autocast ----------------------------------------------------------------------------------------
 def test_bf16_autocast_training_is_sane():
     model = wrap(lin=nn.Linear(32, 16))

@@ -311,12 +311,18 @@ class LoraLinear(LoraLayer):
         with None or an adapter this layer lacks gather zeros. DoRA adapters, inputs that need
         gradients and dropout in training mode take the generic per-adapter path.
         """
-        present = [self.adapters[a] for a in routing.adapters if a in self.adapters]
-        if (x.dim() < 2 or torch.is_grad_enabled() and x.requires_grad or any(dora.is_dora(ad) for ad in present)
-                or self.training and any(ad.dropout > 0 for ad in present)):
+        cache = routing.layer_cache(self)
+        plan = cache.get("plan")
+        if plan is None:  # what this layer holds of the routing's adapters: once per routing, not per step
+            present = [self.adapters[a] for a in routing.adapters if a in self.adapters]
+            plan = cache["plan"] = (bool(present), any(dora.is_dora(ad) for ad in present),
+                                    any(ad.dropout > 0 for ad in present))
+        has_any, has_dora, has_dropout = plan
+        if (x.dim() < 2 or has_dora or self.training and has_dropout
+                or torch.is_grad_enabled() and x.requires_grad):
             return super()._routed_forward(x, routing, *args, **kwargs)
         out = self.base_layer(x, *args, **kwargs)
-        if not present:
+        if not has_any:
             return out
         out = out if out.is_contiguous() else out.contiguous()
         b = x.shape[0]

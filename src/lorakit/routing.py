@@ -58,41 +58,56 @@ class Routing:
         return self._cache.setdefault(("layer", id(layer)), {})
 
     def row_factors(self, layer, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Row i's A (batch, r, k) and s·B (batch, d, r) for `layer`, built once per routing.
+        """Row i's A (batch, r, k) and s·B (batch, d, r) for `layer`, gathered once per routing.
 
-        `stacked_factors` lays the factors out by row (zeros for base-model rows) in two
-        stacks. Memory: batch · r · (k + d) per layer, held while the routing lives (the
-        `per_row` block), reused by every forward inside it (each decoding step).
+        The gather reads the layer's stack of all its adapters (`adapter_stack`, kept across
+        routings), so a new batch costs one index_select per factor, or nothing when the rows
+        are the layer's adapters in order. Memory: batch · r · (k + d) per layer while the
+        routing lives (the `per_row` block), reused by every forward inside it.
         """
         cache = self.layer_cache(layer)
         key = (batch, device, dtype)
         if key not in cache:
-            cache[key] = stacked_factors(layer, self._rows(batch), device, dtype)
+            cache[key] = gathered_factors(layer, self._rows(batch), device, dtype)
         return cache[key]
 
 
-def stacked_factors(layer, rows: list[str | None], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """A (len(rows), r_max, k) and s·B (len(rows), d, r_max) of a LoraLinear: entry i for adapter rows[i].
+def gathered_factors(layer, rows: list[str | None], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A (len(rows), r_max, k) and s·B (len(rows), d, r_max): entry i for adapter rows[i], zeros for
+    None and for an adapter the layer lacks."""
+    names, a_all, b_all = adapter_stack(layer, device, dtype)
+    slot = {n: i + 1 for i, n in enumerate(names)}                  # 0: the zero entry
+    idx = [slot.get(n, 0) if n is not None else 0 for n in rows]
+    if idx == list(range(1, len(names) + 1)):                      # the rows are the adapters, in order
+        return a_all[1:], b_all[1:]
+    index = torch.tensor(idx, dtype=torch.long, device=device)
+    return a_all.index_select(0, index), b_all.index_select(0, index)
 
-    Two stacks and one scale, not work per adapter. None, an adapter the layer lacks and the
-    ranks beyond an adapter's own r are zeros, which add exactly nothing.
+
+def adapter_stack(layer, device: torch.device, dtype: torch.dtype) -> tuple[tuple[str, ...], Tensor, Tensor]:
+    """All of a LoraLinear's adapters as A (1 + n, r_max, k) and s·B (1 + n, d, r_max), entry 0 zeros.
+
+    Kept on the layer and reused by every routing until an adapter changes: the key holds each
+    factor's identity, storage and version counter (bumped by every in-place update: an
+    optimizer step, a load, a merge's copy) and each scale, so a stale stack is never used.
+    Costs one copy of the layer's adapters (float, on `device`) while mixed batches run.
     """
-    present = [layer.adapters[n] if n is not None and n in layer.adapters else None for n in rows]
-    r = max((ad.r for ad in present if ad is not None), default=1)
+    ads = layer.adapters
+    key = tuple((n, ad.r, ad.scaling, *(t for w in (ad.lora_A.weight, ad.lora_B.weight)
+                                       for t in (id(w), w.data_ptr(), w._version)))
+                for n, ad in ads.items())
+    cache = layer.__dict__.setdefault("_lorakit_stack", {})
+    hit = cache.get((device, dtype))
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    r = max((ad.r for ad in ads.values()), default=1)
     k, d = layer.in_features, layer.out_features
     with torch.no_grad():
-        if all(ad is None or ad.r == r for ad in present):
-            zero_a = torch.zeros(r, k, device=device, dtype=dtype)
-            zero_b = torch.zeros(d, r, device=device, dtype=dtype)
-            a = torch.stack([zero_a if ad is None else ad.lora_A.weight.to(device, dtype) for ad in present])
-            b = torch.stack([zero_b if ad is None else ad.lora_B.weight.to(device, dtype) for ad in present])
-        else:
-            a = torch.zeros(len(rows), r, k, device=device, dtype=dtype)
-            b = torch.zeros(len(rows), d, r, device=device, dtype=dtype)
-            for j, ad in enumerate(present):
-                if ad is not None:
-                    a[j, : ad.r] = ad.lora_A.weight
-                    b[j, :, : ad.r] = ad.lora_B.weight
-        scale = torch.tensor([0.0 if ad is None else ad.scaling for ad in present], dtype=dtype)
-        b.mul_(scale.to(device).view(-1, 1, 1))                      # (len(rows), d, r): s·B
-    return a, b
+        a = torch.zeros(1 + len(ads), r, k, device=device, dtype=dtype)
+        b = torch.zeros(1 + len(ads), d, r, device=device, dtype=dtype)
+        for j, ad in enumerate(ads.values(), start=1):
+            a[j, : ad.r] = ad.lora_A.weight
+            torch.mul(ad.lora_B.weight, ad.scaling, out=b[j, :, : ad.r])
+    value = (tuple(ads), a, b)
+    cache[(device, dtype)] = (key, value)
+    return value
