@@ -41,7 +41,30 @@ def require_state(model: nn.Module) -> LoraState:
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    """(qualified name, layer) of every LoRA layer, in named_modules() order."""
+    return [(name, module) for name, _, _, module in wrapped_modules(model) if isinstance(module, LoraLayer)]
+
+
+def wrapped_modules(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """(qualified name, parent, attribute, module) of every LoraLayer and ModulesToSave, in
+    named_modules() order. Walks the module tree without entering LoRA layers (their adapters
+    are most of a model's modules), so merge / unload / save visit each wrapper cheaply."""
+    found: list[tuple[str, nn.Module, str, nn.Module]] = []
+    seen: set[int] = {id(model)}
+
+    def walk(prefix: str, parent: nn.Module) -> None:
+        for key, child in parent._modules.items():
+            if child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
+            name = f"{prefix}.{key}" if prefix else key
+            if isinstance(child, (LoraLayer, ModulesToSave)):
+                found.append((name, parent, key, child))
+            if not isinstance(child, LoraLayer):
+                walk(name, child)
+
+    walk("", model)
+    return found
 
 
 def is_suffix_match(name: str, keys: list[str]) -> bool:

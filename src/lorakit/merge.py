@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from .adalora import AdaLoraConfig
-from .inject import inject, lora_layers, require_state
-from .layers import LoraEmbedding, LoraLayer, ModulesToSave
+from .inject import inject, lora_layers, require_state, wrapped_modules
+from .layers import LoraEmbedding, LoraLayer
 
 
 def merge(model: nn.Module, names: Sequence[str] | None = None, safe: bool = False) -> None:
@@ -57,20 +57,14 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     state = require_state(model)
     merge(model, safe=safe)
     active = state.active
-    for name, module in list(model.named_modules()):
+    for _, parent, key, module in wrapped_modules(model):
         if isinstance(module, LoraLayer):
-            _replace(model, name, module.base_layer)
-        elif isinstance(module, ModulesToSave):
-            chosen = next((module.modules_to_save[n] for n in active if n in module.modules_to_save),
-                          module.original_module)
-            _replace(model, name, chosen)
+            setattr(parent, key, module.base_layer)
+        else:
+            setattr(parent, key, next((module.modules_to_save[n] for n in active if n in module.modules_to_save),
+                                      module.original_module))
     del model.__dict__["_lorakit_state"]
     return model
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 # --- combining adapters (PEFT's add_weighted_adapter for linear / cat / svd) -------------------------
