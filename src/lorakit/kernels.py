@@ -212,7 +212,7 @@ def _lora_backward(ctx, g: Tensor, xf: Tensor, factors, xas, gx: Tensor | None,
                 xm = drop.masked(xf, keep_mask=True)                     # shared by q/k/v: built once
             grad_a = torch.mm(gxa.t(), xm).to(a_param.dtype)             # (r, k)
         if ctx.needs_input_grad[first_factor + 2 * i + 1]:
-            grad_b = torch.mm(xas[i].to(dtype).t(), g).mul_(s).t().to(b_param.dtype)  # (d, r)
+            grad_b = torch.mm(g.t(), xas[i].to(dtype)).mul_(s).to(b_param.dtype)  # (d, r), contiguous like B
         if gx is not None:
             if drop is None:
                 gx.addmm_(gxa, a)
