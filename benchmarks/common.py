@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))  # run from a clone without installing
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEVICE = torch.device("cpu")  # set by setup() from --device / --dtype
+DTYPE = torch.float32
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -40,12 +42,26 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=None, help="timed repetitions of each side (after one warm-up)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
     p.add_argument("--json", type=Path, default=None, help="also write the raw timings here")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: on cuda, times are synchronised and "
+                                                   "peak memory is torch.cuda.max_memory_allocated")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the base model's dtype (bfloat16 on a GPU)")
     return p
 
 
 def setup(args: argparse.Namespace) -> None:
+    global DEVICE, DTYPE
     if args.threads:
         torch.set_num_threads(args.threads)
+    DEVICE, DTYPE = torch.device(args.device), getattr(torch, args.dtype)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here")
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so a wall-clock time covers it (nothing to do on CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def smollm2_config(quick: bool = False):
@@ -65,7 +81,7 @@ def build_model(quick: bool = False, seed: int = 0):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(smollm2_config(quick))
     model.generation_config.pad_token_id = 2
-    return model
+    return model.to(DEVICE, DTYPE)
 
 
 def clone(model):
@@ -87,8 +103,10 @@ def alternate(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1,
             gc.collect()
             for _ in range(settle if i >= warmup else 0):
                 fn()
+            sync()
             t0 = time.perf_counter()
             out = fn()
+            sync()
             dt = out if isinstance(out, float) else time.perf_counter() - t0
             if i >= warmup:
                 times[key].append(dt)
@@ -96,8 +114,10 @@ def alternate(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1,
 
 
 def timed(fn: Callable[[], object]) -> float:
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -134,9 +154,17 @@ def header(title: str, args: argparse.Namespace) -> str:
         peft_v = peft.__version__
     except ImportError:  # pragma: no cover
         peft_v = "missing"
+    where = (f"{torch.cuda.get_device_name(DEVICE)}, " if DEVICE.type == "cuda" else "") + f"{DTYPE}".replace("torch.", "")
     return (f"## {title}\n\ntorch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-            f"{transformers.__version__}, peft {peft_v}, {os.cpu_count()} CPUs, load average {load_avg()}"
-            f"{' (--quick)' if args.quick else ''}\n")
+            f"{transformers.__version__}, peft {peft_v}, {os.cpu_count()} CPUs, load average {load_avg()}; "
+            f"{where}{' (--quick)' if args.quick else ''}\n")
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process so far, in MB: GPU memory allocated by torch on cuda, else RSS."""
+    if DEVICE.type == "cuda":
+        return torch.cuda.max_memory_allocated(DEVICE) / 2**20
+    return peak_rss_mb()
 
 
 def peak_rss_mb() -> float:

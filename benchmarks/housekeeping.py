@@ -41,7 +41,7 @@ def main() -> None:
                     p.normal_(0, 0.01)
         donor.save_pretrained(tmp)
         del donor
-        x = torch.randint(3, 1000, (1, 16))
+        x = torch.randint(3, 1000, (1, 16)).to(C.DEVICE)
 
         def once(setup, op):
             def fn():

@@ -66,9 +66,9 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     g = torch.Generator().manual_seed(1)
-    x_one = torch.randint(3, 49152, (2, 64) if q else (4, 256), generator=g)
-    x_pre = torch.randint(3, 49152, (N_ADAPTERS, 16 if q else 128), generator=g)
-    x_gen = torch.randint(3, 49152, (N_ADAPTERS, 8 if q else 32), generator=g)
+    x_one = torch.randint(3, 49152, (2, 64) if q else (4, 256), generator=g).to(C.DEVICE)
+    x_pre = torch.randint(3, 49152, (N_ADAPTERS, 16 if q else 128), generator=g).to(C.DEVICE)
+    x_gen = torch.randint(3, 49152, (N_ADAPTERS, 8 if q else 32), generator=g).to(C.DEVICE)
     new = 8 if q else 32
     gen_kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=2)
 

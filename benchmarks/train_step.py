@@ -26,7 +26,7 @@ LR = 1e-4
 def batch(quick: bool, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     shape = (2, 64) if quick else (4, 256)
-    return torch.randint(3, 49152, shape, generator=g)
+    return torch.randint(3, 49152, shape, generator=g).to(C.DEVICE)
 
 
 def make_side(side: str, base, dropout: float, copy: bool = True):
@@ -79,14 +79,15 @@ def child_main(argv: list[str]) -> None:
     import peft  # noqa: F401  imported on every side so the import's memory does not count for anyone
 
     side, dropout, quick = argv[0], float(argv[1]), argv[2] == "1"
+    C.DEVICE, C.DTYPE = torch.device(argv[3]), getattr(torch, argv[4])
     model, opt = make_side(side, C.build_model(quick), dropout, copy=False)
     ids = batch(quick)
-    before = C.peak_rss_mb()
+    before = C.peak_memory_mb()
     losses: list[float] = []
     step = step_fn(model, opt, ids, losses)
     for _ in range(3):
         step()
-    print(json.dumps({"side": side, "dropout": dropout, "rss_before_mb": before, "peak_mb": C.peak_rss_mb()}))
+    print(json.dumps({"side": side, "dropout": dropout, "rss_before_mb": before, "peak_mb": C.peak_memory_mb()}))
 
 
 def main() -> None:
@@ -133,7 +134,7 @@ def main() -> None:
         runs: dict = {}
         for _ in range(1 if args.quick else 2):
             for key in [("lorakit", 0.05), ("peft", 0.05), ("lorakit", 0.0), ("peft", 0.0), ("full", 0.0)]:
-                out = C.child(script, [key[0], str(key[1]), "1" if args.quick else "0"])
+                out = C.child(script, [key[0], str(key[1]), "1" if args.quick else "0", args.device, args.dtype])
                 runs.setdefault(key, []).append(out["peak_mb"])
         mem = {k: C.med(v) for k, v in runs.items()}
 
@@ -157,13 +158,14 @@ def main() -> None:
     rows.append(["floor: frozen base forward + backward, no LoRA", C.fmt_s(m[("floor", 0.0)]),
                  f"{C.ratio(t_floor, times[('peft', 0.05)]):.2f}x / {C.ratio(t_floor, times[('peft', 0.0)]):.2f}x "
                  f"of PEFT's step (dropout 0.05 / 0)", "", f"{C.ratio(t_floor, t_full):.2f}x", "", "", ""])
+    mem_label = "peak GPU memory" if C.DEVICE.type == "cuda" else "peak RSS"
     print(C.header("Train step: lorakit vs PEFT", args))
     shape = tuple(ids.shape)
     print(f"batch {shape[0]} x {shape[1]} tokens, r=16, alpha=32, all 7 projections, AdamW; times: median of {reps} "
           f"alternating rounds after 1 warm-up, each side timed on its second step in a row; ratios: median of the "
-          f"per-round ratios; peak RSS: a fresh process per side\n")
-    print(C.table(["step", "lorakit", "PEFT", "lorakit / PEFT", "vs full FT (lorakit / PEFT)", "peak RSS lorakit",
-                   "peak RSS PEFT", "RSS lorakit / PEFT"], rows))
+          f"per-round ratios; {mem_label}: a fresh process per side\n")
+    print(C.table(["step", "lorakit", "PEFT", "lorakit / PEFT", "vs full FT (lorakit / PEFT)", f"{mem_label} lorakit",
+                   f"{mem_label} PEFT", "lorakit / PEFT"], rows))
     d0 = [abs(a - b) for a, b in zip(losses[("lorakit", 0.0)], losses[("peft", 0.0)])]
     print(f"\nlosses, dropout 0 (same init), step by step: lorakit {[round(x, 5) for x in losses[('lorakit', 0.0)][:4]]}"
           f" PEFT {[round(x, 5) for x in losses[('peft', 0.0)][:4]]}; max |diff| {max(d0):.2e}")
