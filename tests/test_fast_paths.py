@@ -216,6 +216,9 @@ def test_cpu_drop_rate_is_p_rounded_to_16_bits_and_the_scale_follows_it():
     gen = torch.Generator().manual_seed(1)
     m = kernels.keep_mask((400_000,), 0.05, cpu, gen, dtype=torch.float32)
     assert set(m.unique().tolist()) == {0.0, 1.0}
+    for dtype in (torch.bool, torch.bfloat16, torch.float16):          # the same draw in every dtype
+        same = kernels.keep_mask((400_000,), 0.05, cpu, torch.Generator().manual_seed(1), dtype=dtype)
+        assert torch.equal(same.float(), m)
     assert abs(1 - m.mean().item() - 3277 / 65536) < 5 * (0.05 * 0.95 / 400_000) ** 0.5
     # identity branch, W = 0: the output is s/(1 - rate) · x ⊙ mask, i.e. exactly 0 or x / (1 - rate)
     model = identity_branch(0.05)

@@ -77,6 +77,8 @@ def keep_mask(shape: tuple[int, ...], p: float, device: torch.device,
     words = _scratch("words", (n + 3) // 4, torch.int64).random_(-2**63, None, generator=generator)
     bits = words.view(torch.int16)[:n]                                  # uniform over all int16 values
     threshold = round(drop_rate(p, device) * 2**DRAW_BITS) - 2**(DRAW_BITS - 1)  # P(bits < threshold) = rate
+    if dtype in (torch.float32, torch.float64):  # every int16 is exact here: compare in place, no bool temporary
+        return torch.empty(n, dtype=dtype).copy_(bits).ge_(threshold).view(shape)
     return torch.ge(bits, threshold, out=torch.empty(n, dtype=dtype)).view(shape)
 
 
