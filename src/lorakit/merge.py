@@ -19,12 +19,15 @@ def merge(model: nn.Module, names: Sequence[str] | None = None, safe: bool = Fal
     safe=True checks every merged weight for NaN/Inf before writing it, and raises naming the
     layer and adapter. Merging an adapter twice is a no-op.
     """
+    _merge_layers(model, [layer for _, layer in lora_layers(model)], names, safe)
+
+
+def _merge_layers(model: nn.Module, layers: list[LoraLayer], names: Sequence[str] | None, safe: bool) -> None:
     state = require_state(model)
     names = list(state.active if names is None else names)
     known = list(state.configs)
     if unknown := [n for n in names if n not in known]:
         raise ValueError(f"merge: unknown adapter name(s) {unknown}; this model has {known}")
-    layers = [layer for _, layer in lora_layers(model)]
     if safe:  # check every layer before writing any: a broken adapter leaves the model as it was
         for layer in layers:
             _check_finite(layer, names)
@@ -55,9 +58,10 @@ def unmerge(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     """Merge the active adapters and return the model with every LoRA module and key removed."""
     state = require_state(model)
-    merge(model, safe=safe)
+    wrappers = wrapped_modules(model)                                # one walk serves the merge and the swap
+    _merge_layers(model, [m for _, _, _, m in wrappers if isinstance(m, LoraLayer)], None, safe)
     active = state.active
-    for _, parent, key, module in wrapped_modules(model):
+    for _, parent, key, module in wrappers:
         if isinstance(module, LoraLayer):
             setattr(parent, key, module.base_layer)
         else:
