@@ -247,3 +247,17 @@ def test_trained_adapter_on_gpt2_matches_peft_forward():
                 module.lora_B["default"].weight.copy_(layers[name].adapters["default"].lora_B.weight)
     x = ids()
     assert_close(model(x).logits, peft_model(input_ids=x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_wrapper_walk_finds_what_named_modules_finds_in_the_same_order():
+    """lora_layers / wrapped_modules skip the inside of LoRA layers; the result must not change."""
+    from lorakit.inject import wrapped_modules
+
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(r=2, target_modules="all-linear", modules_to_save=["lm_head"]))
+    lorakit.inject(model, LoraConfig(r=3, target_modules=["q_proj"]), name="second")
+    want = [(n, m) for n, m in model.named_modules() if isinstance(m, (lorakit.LoraLayer, ModulesToSave))]
+    got = wrapped_modules(model)
+    assert [(n, m) for n, _, _, m in got] == want
+    assert all(getattr(parent, key) is m for _, parent, key, m in got)
+    assert lora_layers(model) == [(n, m) for n, m in want if isinstance(m, lorakit.LoraLayer)]
