@@ -90,14 +90,14 @@ def adapter_stack(layer, device: torch.device, dtype: torch.dtype) -> tuple[tupl
     Kept on the layer and reused by every routing until an adapter changes: the key holds each
     factor's identity, storage and version counter (bumped by every in-place update: an
     optimizer step, a load, a merge's copy) and each scale, so a stale stack is never used.
-    Costs one copy of the layer's adapters (float, on `device`) while mixed batches run.
+    Costs one copy of the layer's adapters (in `dtype`, on `device`); one stack per layer is kept.
     """
     ads = layer.adapters
     key = tuple((n, ad.r, ad.scaling, *(t for w in (ad.lora_A.weight, ad.lora_B.weight)
                                        for t in (id(w), w.data_ptr(), w._version)))
                 for n, ad in ads.items())
-    cache = layer.__dict__.setdefault("_lorakit_stack", {})
-    hit = cache.get((device, dtype))
+    key = (device, dtype, key)
+    hit = layer.__dict__.get("_lorakit_stack")                     # one entry: a new device or dtype replaces it
     if hit is not None and hit[0] == key:
         return hit[1]
     r = max((ad.r for ad in ads.values()), default=1)
@@ -109,5 +109,5 @@ def adapter_stack(layer, device: torch.device, dtype: torch.dtype) -> tuple[tupl
             a[j, : ad.r] = ad.lora_A.weight
             torch.mul(ad.lora_B.weight, ad.scaling, out=b[j, :, : ad.r])
     value = (tuple(ads), a, b)
-    cache[(device, dtype)] = (key, value)
+    layer.__dict__["_lorakit_stack"] = (key, value)
     return value
