@@ -103,11 +103,12 @@ class SharedDropout:
     itself in (`users`).
     """
 
-    __slots__ = ("seed", "p", "shape", "device", "users", "readers", "_mask", "_masked")
+    __slots__ = ("seed", "p", "rate", "shape", "device", "users", "readers", "_mask", "_masked")
 
     def __init__(self, p: float, shape: tuple[int, int], device: torch.device) -> None:
         self.seed = int(torch.empty((), dtype=torch.int64).random_())
         self.p, self.shape, self.device = p, shape, device
+        self.rate = drop_rate(p, device)   # what the mask drops with: kept values are scaled by 1 / (1 - rate)
         self.users = 0                     # branches whose backward will still ask for xm
         self.readers: set[int] = set()     # the layers that took this draw (a layer never takes one twice)
         self._mask: Tensor | None = None   # (N, k) 0./1.
@@ -185,7 +186,7 @@ def forget_dropout() -> None:
 
 
 # --- fused LoRA linear ----------------------------------------------------------------------------------
-def _lora_branches(y: Tensor, xm: Tensor, scales: tuple[float, ...], factors: tuple[Tensor, ...],
+def add_lora_branches(y: Tensor, xm: Tensor, scales: tuple[float, ...], factors: tuple[Tensor, ...],
                    dtype: torch.dtype) -> list[Tensor]:
     """y += Σ s_i (xm A_iᵀ) B_iᵀ in place; returns the xa_i (N, r) backward needs."""
     xas = []
@@ -249,7 +250,7 @@ class LoraLinearFunction(torch.autograd.Function):
         w_t = w if fan_in_fan_out else w.t()                             # (k, d)
         y = torch.addmm(bias.to(dtype), xf, w_t) if bias is not None else torch.mm(xf, w_t)  # (N, d)
         xm = drop.masked(xf) if drop is not None else xf
-        xas = _lora_branches(y, xm, scales, factors, dtype)
+        xas = add_lora_branches(y, xm, scales, factors, dtype)
         ctx.fan_in_fan_out, ctx.scales, ctx.has_bias, ctx.x_dtype = fan_in_fan_out, scales, bias is not None, x.dtype
         ctx.drop = drop
         if drop is not None:
@@ -289,7 +290,7 @@ class LoraDeltaFunction(torch.autograd.Function):
         xf = x.reshape(-1, x.shape[-1]).to(dtype)                         # (N, k)
         y = base_out.view(-1, base_out.shape[-1])                         # (N, d), same storage
         xm = drop.masked(xf) if drop is not None else xf
-        xas = _lora_branches(y, xm, scales, factors, dtype)
+        xas = add_lora_branches(y, xm, scales, factors, dtype)
         ctx.mark_dirty(base_out)
         ctx.scales, ctx.x_dtype, ctx.drop = scales, x.dtype, drop
         if drop is not None:

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import dora, qlora
-from .kernels import LoraDeltaFunction, LoraLinearFunction, compute_dtype, drop_rate, fold_pays, folded_linear, shared_dropout
+from .kernels import (LoraDeltaFunction, LoraLinearFunction, add_lora_branches, compute_dtype, fold_pays,
+                      folded_linear, shared_dropout)
 
 if TYPE_CHECKING:
     from .config import LoraConfig
@@ -278,8 +279,7 @@ class LoraLinear(LoraLayer):
         drop = None
         if p > 0:  # one mask for every branch that reads this same x (q/k/v, gate/up): kernels.SharedDropout
             drop = shared_dropout(x, p, self)
-            keep = 1.0 - drop_rate(p, x.device)                         # p as the mask draws it (kernels.drop_rate)
-            scales = tuple(s / keep for s in scales)                    # inverted dropout's 1/(1-p), folded in
+            scales = tuple(s / (1.0 - drop.rate) for s in scales)       # inverted dropout's 1/(1-p), folded in
         base = self.base_layer
         bias = getattr(base, "bias", None)
         grad = torch.is_grad_enabled() and (x.requires_grad or any(f.requires_grad for f in factors)
@@ -295,10 +295,7 @@ class LoraLinear(LoraLayer):
         out = out if out.is_contiguous() else out.contiguous()
         flat = out.view(-1, out.shape[-1])                                # (N, d)
         xf = x.reshape(-1, x.shape[-1]).to(flat.dtype)                    # (N, k)
-        xm = drop.masked(xf) if drop is not None else xf
-        for i, s in enumerate(scales):
-            a, b = factors[2 * i].to(flat.dtype), factors[2 * i + 1].to(flat.dtype)
-            flat.addmm_(torch.mm(xm, a.t()), b.t(), alpha=s)
+        add_lora_branches(flat, drop.masked(xf) if drop is not None else xf, scales, factors, flat.dtype)
         return out
 
     def _routed_forward(self, x: Tensor, routing: Routing, *args, **kwargs) -> Tensor:
