@@ -18,7 +18,7 @@ from torch.testing import assert_close
 import lorakit
 from lorakit import LoraConfig
 from lorakit.inject import lora_layers, require_state
-from tiny import flan_t5_base_shaped, ids, randomize_lora, tiny_llama, tiny_t5, toy_transformer
+from tiny import flan_t5_base_shaped, ids, randomize_lora, single_runs, tiny_llama, tiny_t5, toy_transformer
 
 PEFT_LINE = re.compile(r"^trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{4}$")
 
@@ -187,19 +187,6 @@ def test_delete_merged_adapter_refuses_and_changes_nothing(two):
 # --- per-row routing ------------------------------------------------------------------------------------
 ROWS = ["a", "b", None, "a", "b"]
 PEFT_ROWS = [n or "__base__" for n in ROWS]
-
-
-def single_runs(model, x, rows, run):
-    """Row i computed alone with only rows[i] active (None: adapters disabled)."""
-    out = []
-    for i, name in enumerate(rows):
-        if name is None:
-            with lorakit.disabled(model):
-                out.append(run(x[i:i + 1]))
-        else:
-            lorakit.set_adapter(model, name)
-            out.append(run(x[i:i + 1]))
-    return torch.cat(out)
 
 
 def test_per_row_forward_equals_single_adapter_runs_and_peft(two):

@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 import lorakit
 from lorakit import LoraConfig, kernels
 from lorakit.inject import lora_layers
-from tiny import ids, tiny_llama
+from tiny import ids, single_runs, tiny_llama
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -304,20 +304,6 @@ def many():
 ROWS = ["a3", None, "a0", "a4", "a1", "a3", "a2", None]
 
 
-def one_by_one(model, x, rows, fn, reset="a0"):
-    """Row by row, each with its own adapter (None: disabled); then `reset` is active again."""
-    out = []
-    for i, name in enumerate(rows):
-        if name is None:
-            with lorakit.disabled(model):
-                out.append(fn(x[i:i + 1]))
-        else:
-            lorakit.set_adapter(model, name)
-            out.append(fn(x[i:i + 1]))
-    lorakit.set_adapter(model, reset)
-    return torch.cat(out)
-
-
 def test_per_row_prefill_uses_batched_matmuls_and_matches_single_runs(many, monkeypatch):
     x = ids(len(ROWS), 7, seed=2)
     calls = []
@@ -328,7 +314,7 @@ def test_per_row_prefill_uses_batched_matmuls_and_matches_single_runs(many, monk
     assert not calls                                              # no per-adapter loop anywhere
     monkeypatch.undo()
     with torch.no_grad():
-        alone = one_by_one(many, x, ROWS, lambda xi: many(xi).logits)
+        alone = single_runs(many, x, ROWS, lambda xi: many(xi).logits, reset="a0")
     assert_close(mixed, alone, atol=1e-5, rtol=1e-5)
 
 
@@ -338,7 +324,7 @@ def test_per_row_decoding_with_kv_cache_matches_single_runs(many):
     with torch.no_grad():
         with lorakit.per_row(many, ROWS):
             mixed = many.generate(x, output_scores=True, return_dict_in_generate=True, **kwargs)
-        alone = one_by_one(many, x, ROWS, lambda xi: many.generate(xi, **kwargs))
+        alone = single_runs(many, x, ROWS, lambda xi: many.generate(xi, **kwargs), reset="a0")
     assert torch.equal(mixed.sequences, alone)
     # the cached per-row factors were built once per layer, not per step
     assert mixed.sequences.shape == (len(ROWS), 13)
@@ -374,7 +360,7 @@ def test_adapter_stack_is_reused_across_routings_and_rebuilt_when_an_adapter_cha
         ad.lora_A.weight.mul_(3.0)                                # in place: the version counter moves
         with lorakit.per_row(many, ROWS):
             mixed = many(x).logits
-        alone = one_by_one(many, x, ROWS, lambda xi: many(xi).logits)
+        alone = single_runs(many, x, ROWS, lambda xi: many(xi).logits, reset="a0")
     assert adapter_stack(layer, cpu, torch.float32)[1] is not a1
     assert_close(mixed, alone, atol=1e-5, rtol=1e-5)              # the change is seen, no stale stack
 
@@ -425,6 +411,6 @@ def test_per_row_on_gpt2_conv1d_matches_single_runs():
     with torch.no_grad():
         with lorakit.per_row(model, rows):
             mixed = model(x).logits
-        alone = one_by_one(model, x, rows, lambda xi: model(xi).logits, reset="g0")
+        alone = single_runs(model, x, rows, lambda xi: model(xi).logits, reset="g0")
     assert_close(mixed, alone, atol=1e-5, rtol=1e-5)
 

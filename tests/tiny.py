@@ -188,3 +188,21 @@ def byte_tokenizer(chat_template: str | None = CHATML):
                                   additional_special_tokens=["<|im_start|>"])
     tok.chat_template = chat_template
     return tok
+
+
+def single_runs(model, x, rows, run, reset: str | None = None):
+    """Row i of x computed alone with only adapter rows[i] active (None: adapters disabled): the
+    oracle for per_row batches. `reset`: the adapter to make active again afterwards."""
+    import lorakit
+
+    out = []
+    for i, name in enumerate(rows):
+        if name is None:
+            with lorakit.disabled(model):
+                out.append(run(x[i:i + 1]))
+        else:
+            lorakit.set_adapter(model, name)
+            out.append(run(x[i:i + 1]))
+    if reset is not None:
+        lorakit.set_adapter(model, reset)
+    return torch.cat(out)
