@@ -331,6 +331,31 @@ def test_config_errors_name_the_field():
         AdaLoraConfig(target_modules=LLAMA_QV, total_step=10, rank_pattern={"q_proj": 4})
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("init_r", 0, r"init_r must be a positive integer, got init_r=0"),
+    ("target_r", 2.5, r"target_r must be a positive integer, got target_r=2.5"),
+    ("deltaT", 0, r"deltaT must be a positive number of steps, got deltaT=0"),
+    ("beta1", 1.0, r"beta1 must be in \(0, 1\), got beta1=1.0"),
+    ("beta2", 0, r"beta2 must be in \(0, 1\), got beta2=0"),
+    ("orth_reg_weight", -0.1, r"orth_reg_weight must be >= 0, got orth_reg_weight=-0.1"),
+])
+def test_each_schedule_field_is_checked(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        AdaLoraConfig(target_modules=LLAMA_QV, total_step=10, **{field: value})
+
+
+def test_a_lora_config_file_is_not_read_as_adalora():
+    d = LoraConfig(target_modules=LLAMA_QV).to_peft_dict()
+    with pytest.raises(ValueError, match=r"cfg.json: peft_type='LORA' is not 'ADALORA'"):
+        AdaLoraConfig.from_peft_dict(d, source="cfg.json")
+
+
+def test_regularizer_needs_an_adalora_adapter():
+    model = lorakit.inject(tiny_llama(), LoraConfig(target_modules=LLAMA_QV))
+    with pytest.raises(ValueError, match=r"adapter 'default' has no AdaLoRA layers; regularizer\(\) is for AdaLoRA"):
+        regularizer(model, "default")
+
+
 def test_lora_and_adalora_cannot_share_a_layer():
     model = lorakit.inject(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"module 'model.layers.0.self_attn.q_proj' already holds LoRA adapters"):
