@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m lorakit.demo
+	$(PY) -m lorakit demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -35,7 +35,7 @@ def main() -> None:
     q = args.quick
     reps = args.reps or (2 if q else 5)
     import lorakit
-    from lorakit.inject import lora_layers
+    from lorakit.state import lora_layers
     from peft import PeftModel
 
     torch.set_grad_enabled(False)

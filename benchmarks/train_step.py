@@ -6,7 +6,7 @@
 Rows: LoRA steps with lora_dropout 0.05 and 0 (lorakit and PEFT timed alternately in one process),
 a full fine-tuning step and a no-grad forward of the same batch for scale. Memory: peak RSS of a
 fresh child process per side doing the same steps (children run alternately).
-Both sides use AdamW: lorakit through lorakit.optim.make_optimizer (fused where torch has it),
+Both sides use AdamW: lorakit through lorakit.training.optim.make_optimizer (fused where torch has it),
 PEFT and full fine-tuning through torch.optim.AdamW with its defaults.
 """
 
@@ -34,7 +34,7 @@ def make_side(side: str, base, dropout: float, copy: bool = True):
     model = C.clone(base) if copy else base
     if side == "lorakit":
         import lorakit
-        from lorakit.optim import make_optimizer
+        from lorakit.training.optim import make_optimizer
 
         lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=32, dropout=dropout, target_modules=C.TARGETS))
         model.train()

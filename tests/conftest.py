@@ -30,3 +30,17 @@ def minilm():
     from tiny import minilm_classifier
 
     return minilm_classifier(seed=0)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny Llama saved as a local model folder with the byte tokenizer (for the commands)."""
+    from tiny import byte_tokenizer, tiny_llama
+
+    d = tmp_path_factory.mktemp("base")
+    tok = byte_tokenizer()
+    model = tiny_llama(vocab=len(tok), hidden=32)
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -19,7 +19,7 @@ from torch.testing import assert_close
 import lorakit
 from lorakit import AdaLoraConfig, LoraConfig
 from lorakit.adalora import RankAllocator, SVDLinear, regularizer, svd_adapters
-from lorakit.inject import require_state
+from lorakit.state import require_state
 from tiny import fresh, ids, tiny_gpt2, tiny_llama
 
 TENSORS = ("lora_A", "lora_B", "lora_E")
@@ -375,7 +375,7 @@ def test_unsupported_module_and_combine_are_refused():
 
 # --- the trainer -------------------------------------------------------------------------------------
 def test_trainer_adalora_run_reaches_the_target_budget(tmp_path):
-    from test_train import byte_tokenizer, make
+    from tiny import byte_tokenizer, make
 
     tok = byte_tokenizer()
     t = make(tmp_path, tok, train_type="adalora", max_steps=20, learning_rate=5e-2, lr_scheduler="constant",
@@ -404,7 +404,7 @@ def test_trainer_adalora_run_reaches_the_target_budget(tmp_path):
     assert sum(v.shape[0] for k, v in saved.items() if k.endswith("lora_E")) == 2 * n_matrices
     assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["peft_type"] == "ADALORA"
     assert result["step"] == 20
-    from test_train import tiny_model
+    from tiny import tiny_model
 
     peft_model = PeftModel.from_pretrained(tiny_model(tok), tmp_path / "run").eval()
     t.model.eval()
@@ -413,7 +413,7 @@ def test_trainer_adalora_run_reaches_the_target_budget(tmp_path):
 
 
 def test_trainer_adalora_refuses_resume(tmp_path):
-    from test_train import byte_tokenizer, make
+    from tiny import byte_tokenizer, make
 
     t = make(tmp_path, byte_tokenizer(), train_type="adalora", resume=True)
     with pytest.raises(ValueError, match="--resume does not support AdaLoRA runs yet"):

@@ -17,7 +17,7 @@ from torch.testing import assert_close
 
 import lorakit
 from lorakit import LoraConfig
-from lorakit.inject import lora_layers, require_state
+from lorakit.state import lora_layers, require_state
 from tiny import flan_t5_base_shaped, ids, randomize_lora, single_runs, tiny_llama, tiny_t5, toy_transformer
 
 PEFT_LINE = re.compile(r"^trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{4}$")

@@ -19,7 +19,7 @@ from torch.testing import assert_close
 
 import lorakit
 from lorakit import LoraConfig
-from lorakit.inject import lora_layers
+from lorakit.state import lora_layers
 from tiny import conv_toy, ids, tiny_gpt2, toy_transformer
 
 # model builder, targets (Linear + Embedding, GPT-2 Conv1D, Conv2d + Conv1d + Linear), input

@@ -14,7 +14,8 @@ from torch.testing import assert_close
 
 import lorakit
 from lorakit import LoraConfig, LoraLinear, ModulesToSave
-from lorakit.inject import find_targets, lora_layers, require_state
+from lorakit.inject import find_targets
+from lorakit.state import lora_layers, require_state
 from tiny import ids, randomize_lora, tiny_gpt2, tiny_llama, tiny_t5, toy_transformer
 
 PEFT_KEYS = {"alpha": "lora_alpha"}
@@ -251,7 +252,7 @@ def test_trained_adapter_on_gpt2_matches_peft_forward():
 
 def test_wrapper_walk_finds_what_named_modules_finds_in_the_same_order():
     """lora_layers / wrapped_modules skip the inside of LoRA layers; the result must not change."""
-    from lorakit.inject import wrapped_modules
+    from lorakit.state import wrapped_modules
 
     model = tiny_llama()
     lorakit.inject(model, LoraConfig(r=2, target_modules="all-linear", modules_to_save=["lm_head"]))

@@ -17,7 +17,8 @@ from torch.testing import assert_close
 
 import lorakit
 from lorakit import LoraConfig, ModulesToSave
-from lorakit.inject import find_targets, lora_layers, require_state
+from lorakit.inject import find_targets
+from lorakit.state import lora_layers, require_state
 from tiny import conv_toy, fresh, ids, randomize_lora, tiny_gpt2, tiny_llama, tiny_t5, toy_transformer
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"

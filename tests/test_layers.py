@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit import LoraConfig, LoraConv, LoraEmbedding, LoraLinear
-from lorakit.inject import lora_layers, require_state
+from lorakit.state import lora_layers, require_state
 from lorakit.kernels import drop_rate
 from tiny import ids, tiny_gpt2, tiny_llama
 

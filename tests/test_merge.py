@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 import lorakit
 from lorakit import LoraConfig, LoraLayer, ModulesToSave
-from lorakit.inject import lora_layers, require_state
+from lorakit.state import lora_layers, require_state
 from tiny import conv_toy, ids, randomize_lora, tiny_gpt2, tiny_llama, toy_transformer
 
 CASES = {  # name: (build, config, input)

@@ -23,7 +23,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 import lorakit  # noqa: E402
 from lorakit import LoraConfig, LoraLinear, qlora  # noqa: E402
-from lorakit.inject import lora_layers  # noqa: E402
+from lorakit.state import lora_layers  # noqa: E402
 from tiny import ids, tiny_llama  # noqa: E402
 
 HIDDEN = 64  # bitsandbytes' CPU kernels want out_features divisible by 32

@@ -206,3 +206,54 @@ def single_runs(model, x, rows, run, reset: str | None = None):
     if reset is not None:
         lorakit.set_adapter(model, reset)
     return torch.cat(out)
+
+
+# --- training fixtures: a chat file, a tiny Llama sized for the byte tokenizer, a Trainer --------------
+def write_chat(path, n=24, seed=0):
+    import json
+    import random
+
+    rng = random.Random(seed)
+    words = ["red", "blue", "green", "cat", "dog", "sun"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for _ in range(n):
+            q = " ".join(rng.choice(words) for _ in range(rng.randint(1, 4)))
+            f.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                             {"role": "assistant", "content": q.upper()}]}) + "\n")
+    return str(path)
+
+
+def tiny_model(tok):
+    """A tiny Llama over the byte tokenizer's vocabulary."""
+    model = tiny_llama(vocab=len(tok), hidden=32)
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)  # a head strong enough for LoRA to move the outputs
+    return model
+
+
+def make(tmp_path, tok, **kw):
+    data = write_chat(tmp_path / "train.jsonl")
+    base = dict(dataset=[data], output_dir=str(tmp_path / "run"), lora_rank=4, lora_alpha=8, lora_dropout=0.0,
+                target_modules="all-linear", batch_size=4, max_steps=6, learning_rate=5e-3, logging_steps=1,
+                max_length=64, seed=1)
+    base.update(kw)
+    model = tiny_model(tok)
+    from lorakit.training import TrainConfig, Trainer
+
+    return Trainer(TrainConfig(**base), model=model, tokenizer=tok)
+
+
+
+def make_adapter(base_dir, out, seed, r=4, targets=("q_proj", "v_proj", "down_proj")):
+    import lorakit
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=2 * r, target_modules=list(targets)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    lorakit.save_adapter(model, out)
+    return model

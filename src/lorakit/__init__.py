@@ -22,9 +22,20 @@ from .inject import find_targets, inject, set_trainable
 from .io import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .merge import combine, merge, merge_and_unload, unmerge
-from .train import TrainConfig, Trainer, train
 
 __version__ = "0.1.0"
+
+_TRAINING = ("TrainConfig", "Trainer", "train")
+
+
+def __getattr__(name: str):
+    """`lorakit.train`, `lorakit.Trainer`, `lorakit.TrainConfig`: the training tier, imported on first use
+    (so `import lorakit` stays light: no trainer, server or matplotlib)."""
+    if name in _TRAINING:
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
 
 __all__ = [
     "LoraConfig", "AdaLoraConfig", "inject", "find_targets", "set_trainable",

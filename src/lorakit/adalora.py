@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LoraConfig
-from .inject import get_state, lora_layers, require_state
-from .layers import Conv1D, LoraLayer, LoraState
+from .layers import Conv1D, LoraLayer
+from .state import LoraState, get_state, lora_layers, require_state
 
 PEFT_TYPE = "ADALORA"
 _ADALORA_FIELDS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
@@ -108,14 +108,6 @@ class AdaLoraConfig(LoraConfig):
 
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / (self.init_r + 1e-5)
-
-    def make_layer(self, module: nn.Module, state: LoraState, name: str) -> SVDLinear:
-        if isinstance(module, SVDLinear):
-            return module
-        if isinstance(module, LoraLayer):
-            raise ValueError(f"module {name!r} already holds LoRA adapters; an AdaLoRA adapter cannot share its layer. "
-                             f"Delete those adapters or exclude the module with exclude_modules")
-        return SVDLinear.wrap(module, state, name)
 
     # --- PEFT's adapter_config.json ---
     def to_peft_dict(self) -> dict[str, Any]:
@@ -230,6 +222,16 @@ class SVDLinear(LoraLayer):
             term = (xd @ (ad.lora_A * ad.lora_E).T @ ad.lora_B.T) * ad.scaling / (ad.ranknum + 1e-5)  # (..., d)
             out = term if out is None else out + term.to(out.dtype)
         return out
+
+
+def wrap_svd_layer(module: nn.Module, state: LoraState, name: str) -> SVDLinear:
+    """The SVDLinear that holds AdaLoRA adapters on `module` (`module` itself when it is one)."""
+    if isinstance(module, SVDLinear):
+        return module
+    if isinstance(module, LoraLayer):
+        raise ValueError(f"module {name!r} already holds LoRA adapters; an AdaLoRA adapter cannot share its layer. "
+                         f"Delete those adapters or exclude the module with exclude_modules")
+    return SVDLinear.wrap(module, state, name)
 
 
 def svd_adapters(model: nn.Module, name: str = "default") -> list[tuple[str, SVDAdapter]]:

@@ -7,15 +7,14 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .inject import lora_layers, require_state
+from .state import get_state, lora_layers, require_state
 from .layers import ModulesToSave
+from .merge import merge, unmerge
 from .routing import Routing
 
 
 def adapter_names(model: nn.Module) -> list[str]:
     """Names of the adapters on `model`, in the order they were added."""
-    from .inject import get_state
-
     state = get_state(model)
     return list(state.configs) if state else []
 
@@ -47,8 +46,6 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
 @contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside, the model computes the base model's outputs (merged adapters are unmerged, then re-merged)."""
-    from .merge import merge, unmerge
-
     state = require_state(model)
     merged = _merged_names(model)
     unmerge(model)

@@ -123,13 +123,6 @@ class LoraConfig:
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
-    def make_layer(self, module: Any, state: Any, name: str) -> Any:
-        """The layer that holds this config's adapter on module `name` (a variant with its own layer
-        type, as AdaLoRA, overrides this)."""
-        from .layers import LoraLayer, make_lora_layer
-
-        return module if isinstance(module, LoraLayer) else make_lora_layer(module, state, name)
-
     # --- PEFT's adapter_config.json ---------------------------------------------------------
     def to_peft_dict(self) -> dict[str, Any]:
         """The dict PEFT 0.21 writes as adapter_config.json for this config."""

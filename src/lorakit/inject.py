@@ -13,59 +13,14 @@ import re
 
 from torch import nn
 
+from .adalora import AdaLoraConfig, wrap_svd_layer
 from .config import LoraConfig
-from .layers import Adapter, Conv1D, LoraLayer, LoraState, ModulesToSave
+from .layers import Adapter, Conv1D, LoraLayer, ModulesToSave, make_lora_layer
+from .pissa import apply_init
+from .tasks import peft_task_type
+from .state import LoraState, get_state, lora_layers, set_child
 
-_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 _SEQ_CLS_HEADS = ("classifier", "score")
-_TASK_BY_CLASS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
-                  ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
-                  ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
-                  ("ForQuestionAnswering", "QUESTION_ANS"))
-
-
-def get_state(model: nn.Module, create: bool = False) -> LoraState | None:
-    state = model.__dict__.get("_lorakit_state")
-    if state is None and create:
-        state = LoraState()
-        model.__dict__["_lorakit_state"] = state
-    return state
-
-
-def require_state(model: nn.Module) -> LoraState:
-    state = get_state(model)
-    if state is None:
-        raise ValueError(f"{type(model).__name__} has no LoRA adapters; call lorakit.inject(model, config) "
-                         f"or lorakit.load_adapter(model, path) first")
-    return state
-
-
-def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
-    """(qualified name, layer) of every LoRA layer, in named_modules() order."""
-    return [(name, module) for name, _, _, module in wrapped_modules(model) if isinstance(module, LoraLayer)]
-
-
-def wrapped_modules(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
-    """(qualified name, parent, attribute, module) of every LoraLayer and ModulesToSave, in
-    named_modules() order. Walks the module tree without entering LoRA layers (their adapters
-    are most of a model's modules), so merge / unload / save visit each wrapper cheaply."""
-    found: list[tuple[str, nn.Module, str, nn.Module]] = []
-    seen: set[int] = {id(model)}
-
-    def walk(prefix: str, parent: nn.Module) -> None:
-        for key, child in parent._modules.items():
-            if child is None or id(child) in seen:
-                continue
-            seen.add(id(child))
-            name = f"{prefix}.{key}" if prefix else key
-            if isinstance(child, (LoraLayer, ModulesToSave)):
-                found.append((name, parent, key, child))
-            if not isinstance(child, LoraLayer):
-                walk(name, child)
-
-    walk("", model)
-    return found
-
 
 def is_suffix_match(name: str, keys: list[str]) -> bool:
     return any(name == k or name.endswith("." + k) for k in keys)
@@ -119,7 +74,7 @@ def resolve_all_linear(model: nn.Module, cfg: LoraConfig) -> list[str]:
     exclude = set()
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
-    if head is None and (cfg.task_type or infer_task_type(model)) == "SEQ_CLS":
+    if head is None and (cfg.task_type or peft_task_type(type(model).__name__)) == "SEQ_CLS":
         head = next((getattr(model, h) for h in _SEQ_CLS_HEADS if getattr(model, h, None) is not None), None)
     if head is not None:
         exclude |= {n for n, m in model.named_modules() if m is head or getattr(m, "base_layer", None) is head}
@@ -149,17 +104,6 @@ def _no_match_message(model: nn.Module, cfg: LoraConfig) -> str:
     return f"target_modules={cfg.target_modules!r} matched no module of {type(model).__name__}{extra}; {hint}"
 
 
-def infer_task_type(model: nn.Module) -> str | None:
-    cls = type(model).__name__
-    return next((task for suffix, task in _TASK_BY_CLASS if cls.endswith(suffix)), None)
-
-
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Module:
     """Add a LoRA adapter called `name` to `model` in place and return the same model.
 
@@ -185,7 +129,7 @@ def inject_layers(model: nn.Module, config: LoraConfig, name: str = "default") -
                          f"(adapters: {sorted(state.configs)}); pick another name or delete_adapter() it first")
     cfg = config
     if cfg.task_type is None:
-        cfg = cfg.replace(task_type=infer_task_type(model))
+        cfg = cfg.replace(task_type=peft_task_type(type(model).__name__))
     if cfg.base_model_name_or_path is None:
         path = getattr(getattr(model, "config", None), "name_or_path", None) or getattr(model, "name_or_path", None)
         if path:
@@ -204,7 +148,7 @@ def inject_layers(model: nn.Module, config: LoraConfig, name: str = "default") -
     modules = dict(model.named_modules())  # parents by name: one walk instead of a lookup per target
     injected: dict[str, LoraLayer] = {}
     for mod_name, module in targets:
-        layer = cfg.make_layer(module, state, mod_name)  # LoRA layer, or a variant's (AdaLoRA: adalora.py)
+        layer = _layer_for(module, cfg, state, mod_name)
         r, alpha = cfg.rank_and_alpha(mod_name)
         adapter: Adapter = layer.add_adapter(name, r, alpha, cfg)
         adapter.requires_grad_(True)
@@ -222,10 +166,15 @@ def inject_layers(model: nn.Module, config: LoraConfig, name: str = "default") -
     state.configs[name] = cfg
     if first:
         state.active = (name,)
-    from .init import apply_init  # PiSSA / OLoRA rewrite base weights; plain inits are done already
-
-    apply_init(model, name, cfg)
+    apply_init(model, name, cfg)  # PiSSA / OLoRA rewrite base weights; plain inits are done already
     return injected
+
+
+def _layer_for(module: nn.Module, cfg: LoraConfig, state: LoraState, name: str) -> LoraLayer:
+    """The layer that will hold cfg's adapter on `module` (the module itself when it is one already)."""
+    if isinstance(cfg, AdaLoraConfig):  # AdaLoRA's SVD-form update has a layer kind of its own
+        return wrap_svd_layer(module, state, name)
+    return module if isinstance(module, LoraLayer) else make_lora_layer(module, state, name)
 
 
 def _restore_trainable(model: nn.Module, state: LoraState) -> None:
@@ -249,7 +198,7 @@ def _add_modules_to_save(model: nn.Module, cfg: LoraConfig, name: str, state: Lo
         found = True
         if not isinstance(module, ModulesToSave):
             wrapper = ModulesToSave(module, state)
-            _set_child(model, mod_name, wrapper)
+            set_child(model, mod_name, wrapper)
             module = wrapper
         module.add_adapter(name)
     if not found:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -26,8 +27,9 @@ from torch import nn
 
 from . import adalora
 from .config import LoraConfig
-from .inject import get_state, inject_layers, lora_layers, require_state, set_trainable
+from .inject import inject_layers, set_trainable
 from .layers import LoraLayer, ModulesToSave, uninitialised
+from .state import drop_state, get_state, lora_layers, require_state, set_child
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -50,6 +52,46 @@ def atomic_write(path: str | Path, write: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_dir(path: str | Path, write: Any, replace: bool = False) -> Path:
+    """Build a folder whole, then put it at `path` in one rename.
+
+    write(tmp) fills a hidden temp folder beside `path`. A crash leaves `path` as it was (and no
+    temp folder). An existing non-empty `path` raises FileExistsError unless `replace`, in which
+    case the old folder is moved aside, the new one renamed in, and the old one removed.
+    """
+    path = Path(path)
+    check_dir_free(path, replace)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            if not replace and _non_empty(path):  # another process got there first
+                raise FileExistsError(f"{path} appeared while it was being written")
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def check_dir_free(path: str | Path, replace: bool = False) -> None:
+    """Raise FileExistsError when `path` is a file or a non-empty folder and may not be replaced
+    (commands call it before slow work, so the refusal comes first)."""
+    path = Path(path)
+    if _non_empty(path) and not replace:
+        raise FileExistsError(f"{path} is not empty; pick a new folder or pass --force to replace it")
+
+
+def _non_empty(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -171,20 +213,26 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", trai
     return model
 
 
+def copy_adapter_weights(model: nn.Module, path: str | Path, name: str = "default") -> None:
+    """Overwrite the tensors of adapter `name`, already on `model`, with those saved in `path`
+    (a checkpoint being resumed): same checks as `load_adapter`, nothing injected."""
+    path = Path(path)
+    tensors = read_safetensors(path / WEIGHTS_NAME)
+    _copy_tensors(model, name, _plan_load(model, read_adapter_config(path), tensors, path), path)
+
+
 def _undo_inject(model: nn.Module, name: str, grad_before: list[tuple[torch.Tensor, bool]]) -> None:
     """Remove adapter `name` and unwrap every layer it left empty; restore requires_grad flags."""
     from .adapters import delete_adapter
-    from .inject import _set_child
-    from .layers import LoraLayer
 
     delete_adapter(model, name)
     for mod_name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer) and not module.adapters:
-            _set_child(model, mod_name, module.base_layer)
+            set_child(model, mod_name, module.base_layer)
         elif isinstance(module, ModulesToSave) and not module.modules_to_save:
-            _set_child(model, mod_name, module.original_module)
+            set_child(model, mod_name, module.original_module)
     if not require_state(model).configs:
-        del model.__dict__["_lorakit_state"]
+        drop_state(model)
     for param, flag in grad_before:
         param.requires_grad_(flag)
 

@@ -17,7 +17,6 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,6 +30,7 @@ from .kernels import (LoraDeltaFunction, LoraLinearFunction, add_lora_branches, 
 if TYPE_CHECKING:
     from .config import LoraConfig
     from .routing import Routing
+    from .state import LoraState
 
 try:  # GPT-2 style Conv1D: weight stored (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -49,16 +49,6 @@ def uninitialised() -> Iterator[None]:
         yield
     finally:
         _INIT_WEIGHTS.reset(token)
-
-
-@dataclass
-class LoraState:
-    """What all LoRA layers of one model share: the adapters' configs and which are in use."""
-
-    configs: dict[str, LoraConfig] = field(default_factory=dict)
-    active: tuple[str, ...] = ()
-    disabled: bool = False
-    routing: Routing | None = None
 
 
 class Adapter(nn.Module):

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from .adalora import AdaLoraConfig
-from .inject import inject, lora_layers, require_state, wrapped_modules
+from .inject import inject, set_trainable
 from .layers import LoraEmbedding, LoraLayer
+from .state import drop_state, lora_layers, require_state, wrapped_modules
 
 
 def merge(model: nn.Module, names: Sequence[str] | None = None, safe: bool = False) -> None:
@@ -67,7 +68,7 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
         else:
             setattr(parent, key, next((module.modules_to_save[n] for n in active if n in module.modules_to_save),
                                       module.original_module))
-    del model.__dict__["_lorakit_state"]
+    drop_state(model)
     return model
 
 
@@ -124,8 +125,6 @@ def combine(model: nn.Module, names: Sequence[str], weights: Sequence[float], na
         for _, layer in lora_layers(model):
             if name in layer.adapters:
                 _combine_layer(layer, names, weights, name, method, new_rank)
-    from .inject import set_trainable
-
     set_trainable(model, name, False)
 
 

