@@ -18,7 +18,7 @@ def eval_loss(trainer: Any, dataset: datalib.EncodedDataset, batch_size: int | N
     bs = batch_size or trainer.cfg.batch_size
     for idx in datalib.batches(dataset, bs, shuffle=False):
         rows = [dataset[i] for i in idx]
-        with trainer._autocast():
+        with trainer.autocast():
             total += trainer.loss_sum(trainer._batch(rows)).item()
         tokens += sum(r.n_trained for r in rows)
     return total / max(tokens, 1)

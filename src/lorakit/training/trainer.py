@@ -16,15 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import adalora
 from . import datasets as datalib
+from . import precision
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ..inject import inject, set_trainable
 from ..io import load_adapter, save_adapter
 from .config import TrainConfig
+from .loss import loss_sum
 from .optim import make_optimizer, make_scheduler
 
 
@@ -85,7 +86,10 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio)
         warmup = int(cfg.warmup_ratio * self.total_steps)
         self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, warmup, self.total_steps)
-        self.autocast_dtype, self.scaler = self._precision()
+        self.precision = precision.resolve(cfg.precision, self.device)
+        self.autocast_dtype, self.scaler = self.precision.autocast_dtype, self.precision.scaler()
+        if self.precision.base_dtype and model is None and cfg.train_type == "lora":  # a model we loaded ourselves
+            precision.cast_frozen(self.model, self.precision.base_dtype)
         self.step, self.epoch, self.micro_in_epoch = 0, 0, 0
         self.last_loss: float | None = None
         self.history: list[dict] = []
@@ -131,16 +135,6 @@ class Trainer:
 
         set_adapter(self.model, self.adapter)
 
-    def _precision(self) -> tuple[torch.dtype | None, Any]:
-        p, cuda = self.cfg.precision, torch.cuda.is_available()
-        if p == "auto":
-            p = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-        if p == "fp16" and not cuda:
-            raise ValueError("--precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
-        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
-        scaler = torch.amp.GradScaler("cuda") if p == "fp16" else None
-        return dtype, scaler
-
     # --- data stream ---
     def _order(self, epoch: int) -> list[list[int]]:
         return datalib.batches(self.train_data, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, epoch=epoch)
@@ -164,22 +158,11 @@ class Trainer:
     # --- loss ---
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum (not mean) of the token losses of a batch; the caller divides by the step's token count."""
-        labels = batch["labels"]
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if self.task == "seq2seq":
-            decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
-            logits = self.model(**inputs, decoder_input_ids=decoder_input_ids).logits  # (b, t, V)
-            return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
-        logits = self.model(**inputs).logits
-        if self.task == "seq_cls":                                             # (b, classes)
-            return F.cross_entropy(logits.float(), labels, reduction="sum")
-        logits, labels = logits[:, :-1], labels[:, 1:]                         # predict token t+1 from <= t
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+        return loss_sum(self.model, self.task, batch)
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+    def autocast(self):
+        """The autocast context of this run's precision (disabled at fp32): every forward runs in it."""
+        return self.precision.autocast(self.device.type)
 
     # --- one optimizer step ---
     def accumulate(self, micro: list[list[int]]) -> tuple[float, int]:
@@ -193,7 +176,7 @@ class Trainer:
         for idx in micro:
             batch = self._batch([self.train_data[i] for i in idx])
             n_input += int(batch["attention_mask"].sum())
-            with self._autocast():
+            with self.autocast():
                 loss = self.loss_sum(batch) / n_tokens
             if self.allocator:  # AdaLoRA: orthogonality penalty on A and B, once per optimizer step
                 loss = loss + self.allocator.regularizer() / len(micro)
