@@ -37,8 +37,11 @@ class TrainConfig:
     warmup_ratio: float = 0.0                         # fraction of steps with linear warmup
     lr_scheduler: str = "cosine"                      # cosine | linear | constant
     max_grad_norm: float = 1.0                        # clip the LoRA gradients' global norm; 0: off
-    precision: str = "auto"                           # auto | fp32 | bf16 | fp16 (autocast; fp16 uses a GradScaler)
+    precision: str = "auto"                           # auto | fp32 | bf16 | fp16: see training/precision.py
     gradient_checkpointing: bool = False              # trade compute for activation memory
+    packing: bool = False                             # a batch's rows as one unpadded sequence (llama-family causal
+    #   LMs; others train padded, with a warning). Off by default: length-grouped batches pad little (0.2% on
+    #   the demo) and one long sequence's attention costs more than the padding saves (benchmarks/README.md)
     save_steps: int = 0                               # checkpoint every N steps; 0: only at the end
     save_total_limit: int = 2                         # keep the newest N checkpoints
     eval_steps: int = 0                               # evaluate every N steps; 0: only at the end

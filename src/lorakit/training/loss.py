@@ -44,12 +44,14 @@ def loss_sum(model: nn.Module, task: str, batch: dict[str, Tensor]) -> Tensor:
     if task == "seq_cls":
         logits = model(**inputs).logits                                      # (b, classes)
         return F.cross_entropy(logits.float(), labels, reduction="sum")
+    if hasattr(getattr(model, "config", None), "use_cache"):  # no KV cache in training (it also hides packing)
+        inputs["use_cache"] = False
     parts = fused_head(model)
     if parts is None:
         logits = model(**inputs).logits[:, :-1]                              # predict token t+1 from <= t
         return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
     backbone, head = parts
-    hidden = backbone(**inputs, use_cache=False).last_hidden_state            # (b, t, H)
+    hidden = backbone(**inputs).last_hidden_state                            # (b, t, H)
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX                                           # (b, t-1)
     return LinearCrossEntropy.apply(hidden[:, :-1][keep], head.weight, targets[keep])

@@ -51,7 +51,8 @@ class RunLog:
 
         settings = dataclasses.asdict(cfg)
         settings["resolved"] = {"task": trainer.task, "total_steps": trainer.total_steps,
-                                "train_rows": len(trainer.train_data), "lorakit_version": __version__}
+                                "train_rows": len(trainer.train_data), "precision": trainer.precision.name,
+                                "packing": trainer.packing, "lorakit_version": __version__}
         write_text(self.out / "run.yaml", yaml.safe_dump(settings, sort_keys=False))
 
     def finish(self, trainer: Any, final_eval: dict[str, float]) -> None:

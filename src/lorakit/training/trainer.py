@@ -26,6 +26,7 @@ from ..inject import inject, set_trainable
 from ..io import load_adapter, save_adapter
 from .config import TrainConfig
 from .loss import loss_sum
+from .packing import collate_packed, packing_supported
 from .optim import make_optimizer, make_scheduler
 
 
@@ -73,6 +74,10 @@ class Trainer:
                             else max(1, math.ceil(cfg.epochs * self.micro_per_epoch / cfg.grad_accum)))
         self._attach_adapter()
         self.allocator = adalora.allocator_for(self.model, self.adapter)  # AdaLoRA's rank allocator, else None
+        unpackable = packing_supported(self.model, self.task) if cfg.packing else None
+        self.packing = cfg.packing and unpackable is None
+        if unpackable:
+            self.train_data.warnings.append(f"--packing: {unpackable}; training on padded batches")
         self.device = next(self.model.parameters()).device
         if cfg.gradient_checkpointing:
             kwargs = {"use_reentrant": False}
@@ -152,7 +157,7 @@ class Trainer:
         return out
 
     def _batch(self, rows: list[datalib.Encoded]) -> dict[str, torch.Tensor]:
-        batch = datalib.collate(rows, self.tokenizer.pad_token_id)
+        batch = collate_packed(rows) if self.packing else datalib.collate(rows, self.tokenizer.pad_token_id)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     # --- loss ---
@@ -174,8 +179,9 @@ class Trainer:
         n_tokens = sum(self.train_data[i].n_trained for idx in micro for i in idx)
         total, n_input = 0.0, 0
         for idx in micro:
-            batch = self._batch([self.train_data[i] for i in idx])
-            n_input += int(batch["attention_mask"].sum())
+            rows = [self.train_data[i] for i in idx]
+            batch = self._batch(rows)
+            n_input += sum(len(row.input_ids) for row in rows)
             with self.autocast():
                 loss = self.loss_sum(batch) / n_tokens
             if self.allocator:  # AdaLoRA: orthogonality penalty on A and B, once per optimizer step
