@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.lorakit-installed
+BENCH_STAMP := $(VENV)/.lorakit-bench-installed
 
 .PHONY: install demo test test-fast bench clean
 
@@ -17,6 +18,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The rivals the benchmarks run against (TRL), installed only for `make bench`.
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install -q -e ".[test,bench]"
+	touch $(BENCH_STAMP)
+
 demo: $(STAMP)
 	$(PY) -m lorakit demo
 
@@ -26,10 +32,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/mixed_batch.py
 	$(PY) benchmarks/housekeeping.py
+	$(PY) benchmarks/bf16_matmul.py
+	$(PY) benchmarks/sft_e2e.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
