@@ -9,6 +9,8 @@ chunk (`LinearCrossEntropy`), so no (tokens, vocab) logits tensor ever exists:
     input_ids ─► backbone ─► h (b, t, H) ─► h[:, :-1][labels[:, 1:] != -100] ─► hs (n, H)
     hs ─► for each chunk of rows: z = hs_c Wᵀ (c, V) ─► logsumexp, z[target] ─► Σ loss
 
+A prompt prefix that every row of the batch shares runs through the backbone once (prefix.py).
+
 Anything else (seq2seq, seq_cls, a head with a LoRA adapter, a trainable or wrapped head, an
 unknown architecture, a model wrapped by DDP/FSDP or with hooks on its forward) takes the plain
 path: ``model(...).logits`` and ``F.cross_entropy``. Both give the same loss and gradients.
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels import compute_dtype
+from .prefix import can_share, prefix_forward, shared_prefix
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 2**23  # logits per chunk (32 MB in float32): rows per chunk = this // vocab
@@ -51,9 +54,11 @@ def loss_sum(model: nn.Module, task: str, batch: dict[str, Tensor]) -> Tensor:
         logits = model(**inputs).logits[:, :-1]                              # predict token t+1 from <= t
         return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
     backbone, head = parts
-    hidden = backbone(**inputs).last_hidden_state                            # (b, t, H)
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX                                           # (b, t-1)
+    p = shared_prefix(batch) if can_share(model) else 0                      # prefix.py: run it once
+    hidden = (prefix_forward(backbone, inputs, p) if p                       # (b, t - p, H)
+              else backbone(**inputs).last_hidden_state)
+    targets = labels[:, p + 1:]
+    keep = targets != IGNORE_INDEX                                           # (b, t - p - 1)
     return LinearCrossEntropy.apply(hidden[:, :-1][keep], head.weight, targets[keep])
 
 

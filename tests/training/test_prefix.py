@@ -1,0 +1,143 @@
+"""training/prefix.py: a shared prompt prefix run once gives the one-pass loss and gradients."""
+
+import json
+
+import pytest
+import torch
+from tiny import byte_tokenizer, make, randomize_lora
+
+import lorakit
+from lorakit.training import prefix as prefixlib
+from lorakit.training.loss import loss_sum
+from lorakit.training.prefix import can_share, shared_prefix
+
+VOCAB = 96
+
+
+def llama(tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).train()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    randomize_lora(model, std=0.2)
+    return model
+
+
+def batch_with_prefix(p: int = 10, lengths=(16, 14, 15)) -> dict[str, torch.Tensor]:
+    """Rows sharing their first p tokens, right-padded, labels on each row's last 3 tokens."""
+    g = torch.Generator().manual_seed(0)
+    t = max(lengths)
+    ids = torch.randint(3, VOCAB, (len(lengths), t), generator=g)
+    ids[:, :p] = ids[0, :p]
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+        labels[row, length - 3:length] = ids[row, length - 3:length]
+    ids[mask == 0] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_shared_prefix_by_hand(monkeypatch):
+    batch = batch_with_prefix(p=10)
+    assert shared_prefix(batch) == 10
+    batch["labels"][1, 9] = 5      # token 9 is predicted at position 8, which must then run per row
+    assert shared_prefix(batch) == 8
+    batch["labels"][1, 7] = 5      # 6 tokens left: too few to share
+    assert shared_prefix(batch) == 0
+    monkeypatch.setattr(prefixlib, "MIN_PREFIX", 4)
+    assert shared_prefix(batch) == 6
+    assert shared_prefix(batch_with_prefix(p=3)) == 0  # shorter than MIN_PREFIX
+    one = {k: v[:1] for k, v in batch_with_prefix().items()}
+    assert shared_prefix(one) == 0                     # a single row shares nothing
+    same = batch_with_prefix(p=16, lengths=(16, 16, 16))
+    same["labels"][:] = -100
+    same["labels"][:, -1] = same["input_ids"][:, -1]
+    assert shared_prefix(same) == 14                   # every row keeps at least one token after the prefix
+    packed = dict(batch_with_prefix(), position_ids=torch.zeros(3, 16, dtype=torch.long))
+    assert shared_prefix(packed) == 0
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_prefix_run_once_equals_one_pass(tied, attn, monkeypatch):
+    model = llama(tied)
+    model.config._attn_implementation = attn
+    batch = batch_with_prefix()
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = loss_sum(model, "causal_lm", batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    calls = []
+    real = prefixlib.prefix_forward
+    monkeypatch.setattr("lorakit.training.loss.prefix_forward", lambda *a: calls.append(a[2]) or real(*a))
+    shared, g_shared = run()
+    assert calls == [10]
+    monkeypatch.setattr(prefixlib, "MIN_PREFIX", 1000)   # off: one pass over every token
+    monkeypatch.setattr("lorakit.training.loss.shared_prefix", lambda b: 0)
+    whole, g_whole = run()
+    assert calls == [10]
+    torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-5)
+    assert g_shared.keys() == g_whole.keys() and len(g_whole) == 28
+    for name in g_whole:
+        torch.testing.assert_close(g_shared[name], g_whole[name], rtol=1e-5, atol=1e-5)
+
+
+def test_activation_checkpointing_turns_sharing_off():
+    model = llama(tied=True)
+    assert can_share(model)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert not can_share(model)
+
+
+def test_per_row_routing_turns_sharing_off():
+    model = llama(tied=True).eval()
+    with lorakit.per_row(model, ["default", None, "default"]):
+        assert not can_share(model)
+        batch = batch_with_prefix()
+        with torch.no_grad():
+            got = loss_sum(model, "causal_lm", batch)
+    rows = []
+    for i, name in enumerate(["default", None, "default"]):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        with torch.no_grad():
+            if name is None:
+                with lorakit.disabled(model):
+                    rows.append(loss_sum(model, "causal_lm", one))
+            else:
+                rows.append(loss_sum(model, "causal_lm", one))
+    torch.testing.assert_close(got, sum(rows), rtol=1e-5, atol=1e-5)
+
+
+def write_chat_with_system(path, n=16):
+    rows = [{"messages": [{"role": "system", "content": "You answer in capitals."},
+                          {"role": "user", "content": w}, {"role": "assistant", "content": w.upper()}]}
+            for w in ["red", "blue cat", "green dog sun", "sun", "cat dog", "red red blue"] * (n // 6 + 1)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
+    return str(path)
+
+
+def test_trainer_step_with_a_system_prompt_equals_the_unshared_step(tmp_path, monkeypatch):
+    tok = byte_tokenizer()
+    data = write_chat_with_system(tmp_path / "sys.jsonl")
+    a = make(tmp_path / "a", tok, dataset=[data])
+    b = make(tmp_path / "b", tok, dataset=[data])
+    randomize_lora(a.model, std=0.2)
+    b.model.load_state_dict(a.model.state_dict())
+    rows = [0, 1, 2, 3]
+    assert shared_prefix(a._batch([a.train_data[i] for i in rows])) >= 20  # the system turn, run once
+    loss_a, _ = a.accumulate([rows])
+    monkeypatch.setattr("lorakit.training.loss.shared_prefix", lambda batch: 0)
+    loss_b, _ = b.accumulate([rows])
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    grads = {n: p.grad for n, p in b.model.named_parameters() if p.grad is not None}
+    for n, p in a.model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-5)
