@@ -141,3 +141,25 @@ def test_trainer_step_with_a_system_prompt_equals_the_unshared_step(tmp_path, mo
     for n, p in a.model.named_parameters():
         if n in grads:
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_prefix_run_once_equals_one_pass(monkeypatch):
+    from tiny import tiny_gpt2
+
+    model = tiny_gpt2(vocab=VOCAB).train()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                             fan_in_fan_out=True))
+    randomize_lora(model, std=0.2)
+    batch = batch_with_prefix()
+    assert shared_prefix(batch) == 10 and can_share(model)
+    shared = loss_sum(model, "causal_lm", batch)
+    shared.backward()
+    g_shared = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr("lorakit.training.loss.shared_prefix", lambda b: 0)
+    whole = loss_sum(model, "causal_lm", batch)
+    whole.backward()
+    torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(g_shared[n], p.grad, rtol=1e-5, atol=1e-5)
