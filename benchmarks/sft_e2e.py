@@ -13,8 +13,10 @@ length 256, loss on the answer only, seed 0, gradient checkpointing off. Data: `
 TRL reads the same rows as conversational prompt/completion pairs (its completion-only loss).
 
 Rows: both tools at float32, and each at its best setting for this hardware: lorakit
-`--precision auto`, TRL `bf16=True` where the CPU (avx512_bf16 / amx_bf16) or GPU computes bf16
-natively. Without native bf16 the best setting is float32 and those rows are not run twice.
+`--precision bf16` (frozen base in bf16, LoRA and AdamW in float32), TRL `bf16=True`, where the
+CPU (avx512_bf16 / amx_bf16) or GPU computes bf16 natively. Without native bf16 the best setting
+is float32 and those rows are not run twice. (lorakit's `--precision auto` picks bf16 on a GPU,
+and on such a CPU once `training.precision.AUTO_CPU_BF16` is on: these rows are its evidence.)
 
     python benchmarks/sft_e2e.py                       # the full run (~25-40 min on 2 cores)
     python benchmarks/sft_e2e.py --steps 4 --rows 64 --test-rows 16 --eval-rows 8 --rounds 1   # smoke
@@ -166,7 +168,7 @@ def settings(only: str | None) -> list[tuple[str, str, str]]:
 
     native = bf16_native(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rows = [("lorakit fp32", "lorakit", "fp32"), ("TRL+PEFT fp32", "trl", "fp32")]
-    best = [("lorakit auto (bf16)", "lorakit", "auto"), ("TRL+PEFT bf16=True", "trl", "bf16")] if native else []
+    best = [("lorakit bf16", "lorakit", "bf16"), ("TRL+PEFT bf16=True", "trl", "bf16")] if native else []
     return {"fp32": rows, "best": best, None: rows + best}[only]
 
 
@@ -217,7 +219,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], per_row: float
              f"a row), {args.rounds} rounds, exact match on {args.eval_rows} held-out rows\n",
              table(["run", "wall s", "train s", "s/step", "tokens/s", "peak RSS MB", f"final loss (last {TAIL})",
                     "exact match"], rows), ""]
-    pairs = [("lorakit fp32", "TRL+PEFT fp32", 0.5), ("lorakit auto (bf16)", "TRL+PEFT bf16=True", 0.6)]
+    pairs = [("lorakit fp32", "TRL+PEFT fp32", 0.5), ("lorakit bf16", "TRL+PEFT bf16=True", 0.6)]
     for ours, theirs, target in pairs:
         if ours in runs and theirs in runs:
             a, b = runs[ours], runs[theirs]

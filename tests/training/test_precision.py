@@ -15,8 +15,11 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("flags, want", [(set(), "fp32"), ({"avx2", "avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16")])
-def test_auto_on_cpu_follows_the_bf16_flags(monkeypatch, flags, want):
+def test_auto_on_cpu_follows_the_bf16_flags_once_switched_on(monkeypatch, flags, want):
     monkeypatch.setattr(prec, "cpu_flags", lambda: frozenset(flags))
+    assert prec.resolve("auto", CPU).name == "fp32"  # off until the demo shows bf16 quality on such a CPU
+    assert prec.bf16_native(CPU) == (want == "bf16")
+    monkeypatch.setattr(prec, "AUTO_CPU_BF16", True)
     p = prec.resolve("auto", CPU)
     assert p.name == want
     assert p.autocast_dtype == p.base_dtype == (torch.bfloat16 if want == "bf16" else None)
@@ -88,3 +91,12 @@ def test_sft_bf16_through_the_cli_writes_a_float32_adapter(tmp_path, base_dir):
     with safe_open(out / "adapter_model.safetensors", "pt") as f:
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}
     assert dtypes == {torch.float32}
+
+
+def test_demo_takes_precision_for_the_quality_check(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "--precision {auto,fp32,bf16,fp16}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["demo", "--precision", "half"])
+    assert "invalid choice: 'half'" in capsys.readouterr().err

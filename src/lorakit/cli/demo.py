@@ -35,6 +35,8 @@ def add_demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     add_flag(p, "--eval-rows", type=int, default=200, help="held-out rows scored by exact match (>= 200)")
     add_flag(p, "--max-steps", type=int, default=SETTINGS["max_steps"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="training precision (see `lorakit sft --help`); compare bf16 with fp32 here")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"demo data not found: {f} (run from the repository root, or pass --data)")
     t_start = time.perf_counter()
     cfg = TrainConfig(dataset=[str(train_file)], output_dir=args.output_dir, model=args.model,
-                      eval_dataset=[str(test_file)], eval_steps=15, eval_max_rows=96,
+                      eval_dataset=[str(test_file)], eval_steps=15, eval_max_rows=96, precision=args.precision,
                       **{**SETTINGS, "max_steps": args.max_steps})
     print(f"lorakit demo: LoRA r={cfg.lora_rank} on all linear layers of {cfg.model}, {cfg.max_steps} steps "
           f"of {cfg.batch_size} rows, then exact match on {args.eval_rows} held-out rows")

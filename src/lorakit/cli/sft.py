@@ -33,9 +33,9 @@ HELP = {
     "config": "YAML file whose keys are these flags' names (run.yaml of an earlier run works)",
     "loraplus_lr_ratio": "LoRA+: B matrices learn at learning-rate x this ratio (e.g. 16)",
     "max_steps": "number of optimizer steps; -1 means use --epochs",
-    "precision": "auto: bf16 where the hardware computes it natively (a CPU with avx512_bf16 or amx_bf16, a "
-                 "bf16 GPU; the frozen base is kept in bf16, LoRA weights and optimizer in fp32), fp16 on older "
-                 "GPUs, else fp32 | fp32 | bf16 | fp16",
+    "precision": "auto (bf16 on a bf16 GPU, fp16 on an older one, fp32 on CPU) | fp32 | bf16 (the frozen base "
+                 "kept in bf16, LoRA weights, grads and optimizer in fp32; fast only where the hardware has bf16 "
+                 "units, e.g. CPU flags avx512_bf16 / amx_bf16) | fp16 (CUDA)",
     "packing": "concatenate each batch's rows into one sequence without padding (llama-family causal LMs; "
                "other models train on padded batches)",
 }

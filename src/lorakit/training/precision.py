@@ -4,9 +4,13 @@
     bf16   the frozen base's weights cast once to bfloat16 (half the memory, no per-step cast),
            matmuls in bf16 autocast; LoRA parameters, their gradients and AdamW states stay float32
     fp16   float16 autocast with a GradScaler (CUDA only); weights stay float32
-    auto   bf16 where the hardware computes it natively (a CPU with avx512_bf16 or amx_bf16, a
-           bf16-capable GPU), fp16 on an older GPU, fp32 on any other CPU: without those units a
-           CPU emulates bf16 and is slower than in float32
+    auto   bf16 on a bf16-capable GPU, fp16 on an older one; on a CPU, fp32, or bf16 where the CPU
+           computes it natively (avx512_bf16 or amx_bf16) once `AUTO_CPU_BF16` is switched on.
+           Without those units a CPU emulates bf16, ~50x slower than float32 (benchmarks/bf16_matmul.py)
+
+`AUTO_CPU_BF16` stays off until the demo shows bf16 training's quality on such a CPU (held-out
+exact match and loss curve within noise of fp32: `lorakit demo --precision bf16` vs `fp32`, and
+sft_e2e's bf16 rows); the machine this was built on has no bf16 units, so it could not.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from torch import nn
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 matmul units
+AUTO_CPU_BF16 = False  # let `auto` pick bf16 on such a CPU (see the module docstring for when to switch it on)
 
 
 @cache
@@ -65,8 +70,10 @@ class Precision:
 def resolve(requested: str, device: torch.device) -> Precision:
     """`--precision` (auto | fp32 | bf16 | fp16) for `device`; see the module docstring."""
     name = requested
-    if name == "auto":
-        name = "bf16" if bf16_native(device) else ("fp16" if device.type == "cuda" else "fp32")
+    if name == "auto" and device.type == "cuda":
+        name = "bf16" if bf16_native(device) else "fp16"
+    elif name == "auto":
+        name = "bf16" if AUTO_CPU_BF16 and bf16_native(device) else "fp32"
     if name == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
     if name not in ("fp32", "bf16", "fp16"):
