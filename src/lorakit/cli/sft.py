@@ -50,7 +50,8 @@ HELP = {
 ALIASES = {"lora_rank": ["--rank", "-r"], "learning_rate": ["--lr"], "epochs": ["--num-train-epochs", "--num_train_epochs"],
            "batch_size": ["--per-device-train-batch-size", "--per_device_train_batch_size"],
            "grad_accum": ["--gradient-accumulation-steps", "--gradient_accumulation_steps"],
-           "dataset": ["--train-file"], "eval_dataset": ["--val-dataset", "--val_dataset"]}
+           "dataset": ["--train-file"], "eval_dataset": ["--val-dataset", "--val_dataset"],
+           "nproc": ["--nproc-per-node", "--nproc_per_node"]}
 
 
 def _parse_bool(text: str) -> bool:
@@ -143,7 +144,7 @@ def run_sft(args: argparse.Namespace) -> int:
     from ..training.trainer import Trainer
 
     cfg = config_from_args(args)
-    if (cfg.nproc > 1 or cfg.nnodes != "1" or cfg.rdzv_endpoint) and not distributed.launched():
+    if (cfg.nproc > 1 or cfg.nnodes != "1" or cfg.rdzv_endpoint) and not (distributed.launched() or cfg.dry_run):
         cmd = torchrun_command(cfg, args)
         print("launching: torchrun " + shlex.join(cmd[3:]), flush=True)
         return subprocess.call(cmd)

@@ -81,6 +81,8 @@ def world_from_env(cfg: Any) -> World:
         device = torch.device("cuda") if cuda else torch.device("cpu")
     else:
         device = torch.device("cuda", local) if backend == "nccl" else torch.device("cpu")
+    if device.index is not None:
+        torch.cuda.set_device(device)  # before the model loads, so each process fills its own GPU
     world = World(rank=rank, size=size, local_rank=local, mode=mode, backend=backend, device=device)
     if cfg.resume:
         check_resume_batch(cfg, world)
@@ -98,21 +100,22 @@ def check_resume_batch(cfg: Any, world: World) -> None:
     want, have = procs * batch, world.size * cfg.batch_size
     if want == have:
         return
-    run = f"{found[-1]} was trained on global batches of {want} rows ({procs} processes x --batch-size {batch})"
+    run = f"{found[-1]} was trained on global batches of {want} rows ({_procs(procs)} x --batch-size {batch})"
     if want % world.size:
-        raise ValueError(f"--resume: {run}, which {world.size} processes cannot share evenly (the world size must "
+        raise ValueError(f"--resume: {run}, which {_procs(world.size)} cannot share evenly (the world size must "
                          f"divide the global batch); resume with a number of processes that divides {want}")
-    procs_now = f"{world.size} process{'es' if world.size > 1 else ''}"
-    raise ValueError(f"--resume: {run}; with {procs_now} pass --batch-size {want // world.size} to keep its "
-                     f"batches (this run has {world.size} x {cfg.batch_size} = {have})")
+    raise ValueError(f"--resume: {run}; with {_procs(world.size)} pass --batch-size {want // world.size} to keep "
+                     f"its batches (this run has {world.size} x {cfg.batch_size} = {have})")
+
+
+def _procs(n: int) -> str:
+    return f"{n} process" + ("es" if n != 1 else "")
 
 
 def start(world: World) -> None:
     """Join (or, for one process given --distributed, create) the process group."""
     if not world.active or dist.is_initialized():
         return
-    if world.device.type == "cuda":
-        torch.cuda.set_device(world.device)
     if "MASTER_ADDR" in os.environ:  # torchrun's rendezvous
         dist.init_process_group(world.backend, timeout=timedelta(minutes=30))
     else:  # one process asked for --distributed without torchrun: a group of one
