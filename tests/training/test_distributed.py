@@ -245,6 +245,29 @@ def test_each_process_gets_a_disjoint_share_of_every_global_batch(size):
     assert last[0] == ([5], True) and all(s == ([5], False) for s in last[1:])  # stand-in rows, weight 0
 
 
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_only_lora_is_reduced_and_fsdp_shards_the_frozen_base(tmp_path, mode):
+    """One process given --distributed (a process group of one): what the wrappers hold."""
+    from torch.distributed.tensor import DTensor
+    from tiny import tiny_model
+
+    tok = byte_tokenizer()
+    cfg = TrainConfig(dataset=[write_chat(tmp_path / "d.jsonl")], output_dir=str(tmp_path / "run"), lora_rank=4,
+                      distributed=mode, max_steps=1, batch_size=4)
+    t = Trainer(cfg, model=tiny_model(tok), tokenizer=tok)
+    try:
+        frozen = {n for n, p in t.model.named_parameters() if not p.requires_grad}
+        if mode == "ddp":  # the frozen base is never broadcast nor reduced; no static graph (it breaks no_sync)
+            ignored = t.train_model.parameters_to_ignore
+            assert frozen <= ignored and not t.train_model.static_graph
+            assert not {n for n, p in t.model.named_parameters() if p.requires_grad} & ignored
+        else:  # every parameter sharded, the frozen base included
+            assert frozen and all(isinstance(p, DTensor) for p in t.model.parameters())
+        assert torch.isfinite(torch.tensor(t.train_step()["loss"]))
+    finally:
+        distributed.close(t.world)
+
+
 def test_fsdp_finds_decoder_blocks():
     llama = tiny_llama()
     assert distributed.decoder_blocks(llama) == list(llama.model.layers)  # _no_split_modules
