@@ -268,6 +268,23 @@ def test_only_lora_is_reduced_and_fsdp_shards_the_frozen_base(tmp_path, mode):
         distributed.close(t.world)
 
 
+def test_resuming_fsdp_from_a_checkpoint_of_another_rank_names_the_shapes(tmp_path):
+    from tiny import tiny_model
+
+    tok = byte_tokenizer()
+    cfg = TrainConfig(dataset=[write_chat(tmp_path / "d.jsonl")], output_dir=str(tmp_path / "run"), lora_rank=4,
+                      max_steps=2, batch_size=4)
+    Trainer(cfg, model=tiny_model(tok), tokenizer=tok).save_checkpoint()
+    cfg8 = TrainConfig(**dict(vars(cfg), lora_rank=8, distributed="fsdp", resume=True))
+    t = Trainer(cfg8, model=tiny_model(tok), tokenizer=tok)
+    try:
+        with pytest.raises(ValueError, match=r"does not fit this model's adapter 'default': .*lora_A.weight "
+                                             r"\(file \(4, 32\), model \(8, 32\)\).*another r"):
+            t.resume()
+    finally:
+        distributed.close(t.world)
+
+
 def test_fsdp_finds_decoder_blocks():
     llama = tiny_llama()
     assert distributed.decoder_blocks(llama) == list(llama.model.layers)  # _no_split_modules

@@ -298,9 +298,12 @@ def load_full_state(model: nn.Module, name: str, optimizer: torch.optim.Optimize
                                                          set_optimizer_state_dict)
 
     names = adapter_param_names(model, name)
-    unknown = sorted(set(tensors) - set(names))
-    if unknown:
-        raise ValueError(f"checkpoint adapter keys not in this model's adapter {name!r}: {unknown[:3]}")
+    shapes = {key: tuple(t.shape) for key, t in adapter_state_dict(model, name).items()}  # global shapes
+    bad = [f"{key} (file {tuple(t.shape)}, model {shapes.get(key, 'has no such tensor')})"
+           for key, t in tensors.items() if tuple(t.shape) != shapes.get(key)]
+    if bad:
+        raise ValueError(f"the checkpoint's adapter does not fit this model's adapter {name!r}: {'; '.join(bad[:3])}; "
+                         f"was it trained with another r or for another model?")
     by_fqn = {names[key]: t for key, t in tensors.items()}
     set_model_state_dict(model, by_fqn, options=StateDictOptions(full_state_dict=True, strict=False))
     fqn_of = {id(p): n for n, p in model.named_parameters()}
