@@ -289,3 +289,25 @@ def test_per_row_refuses_training_merged_unknown_and_wrong_length(two):
     with lorakit.per_row(model, ["a", None]):
         pass
     assert require_state(model).routing is None
+
+
+def test_using_picks_one_adapter_base_or_rows_and_restores(two):
+    model, peft_model, base = two
+    x = ids(len(ROWS), 6, seed=5)
+    lorakit.set_adapter(model, "a")
+    with lorakit.using(model, "b"):
+        assert lorakit.active_adapters(model) == ["b"]
+        with_b = logits(model, x)
+    assert lorakit.active_adapters(model) == ["a"]                        # the previous choice is back
+    peft_model.set_adapter("b")
+    assert_close(with_b, logits(peft_model, x), atol=1e-5, rtol=1e-5)
+    with lorakit.using(model, [None] * len(ROWS)):
+        assert_close(logits(model, x), logits(base, x), atol=1e-6, rtol=1e-6)
+    with lorakit.using(model, ROWS):
+        mixed = logits(model, x)
+    assert_close(mixed, logits(peft_model, x, adapter_names=PEFT_ROWS), atol=1e-5, rtol=1e-5)
+    with lorakit.using(model, None):                                       # None: what is active now
+        assert_close(logits(model, x), single_runs(model, x, ["a"] * len(ROWS), lambda xi: logits(model, xi)))
+    with pytest.raises(ValueError, match=r"unknown adapter name\(s\) \['zz'\]"):
+        with lorakit.using(model, "zz"):
+            pass

@@ -15,6 +15,7 @@ from .adapters import (
     per_row,
     print_trainable_parameters,
     set_adapter,
+    using,
 )
 from .adalora import AdaLoraConfig
 from .config import LoraConfig
@@ -41,7 +42,7 @@ __all__ = [
     "LoraConfig", "AdaLoraConfig", "inject", "find_targets", "set_trainable",
     "count_parameters", "print_trainable_parameters",
     "save_adapter", "load_adapter", "read_adapter_config", "adapter_state_dict",
-    "set_adapter", "adapter_names", "active_adapters", "delete_adapter", "disabled", "per_row",
+    "set_adapter", "adapter_names", "active_adapters", "delete_adapter", "disabled", "per_row", "using",
     "merge", "unmerge", "merge_and_unload", "combine",
     "TrainConfig", "Trainer", "train",
     "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "ModulesToSave",

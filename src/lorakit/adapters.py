@@ -90,6 +90,42 @@ def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module
         state.routing = previous
 
 
+@contextmanager
+def using(model: nn.Module, rows: Sequence[str | None] | str | None) -> Iterator[nn.Module]:
+    """Inside, the model runs with the adapters `rows` asks for; the one place that chooses how.
+
+    - None: whatever is active now (nothing changes);
+    - a name, or a list whose rows all name it: that adapter alone (`set_adapter`; the previous
+      active adapters come back on exit);
+    - a list of Nones: the base model (`disabled`; nothing to do on a model without adapters);
+    - a list naming different adapters (None: the base model for that row): row i uses rows[i]
+      (`per_row`).
+    """
+    if rows is None:
+        yield model
+        return
+    names = [rows] if isinstance(rows, str) else list(rows)
+    distinct = set(names)
+    if distinct == {None}:
+        if get_state(model) is None:
+            yield model
+        else:
+            with disabled(model):
+                yield model
+        return
+    if len(distinct) > 1:
+        with per_row(model, names):
+            yield model
+        return
+    state = require_state(model)
+    previous = state.active
+    set_adapter(model, names[0])
+    try:
+        yield model
+    finally:
+        state.active = previous
+
+
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove an adapter's tensors everywhere. Refuses if it is merged into the base."""
     _check_known(model, [name], "delete_adapter")

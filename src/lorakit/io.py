@@ -152,10 +152,21 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     return out
 
 
-def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> Path:
-    """Write adapter `name` to directory `path` in PEFT's format; returns the directory."""
+def adapter_param_names(model: nn.Module, name: str = "default") -> dict[str, str]:
+    """PEFT key -> the model's own parameter name, for every tensor `adapter_state_dict` saves."""
+    layers = dict(lora_layers(model))
+    savers = {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSave)}
+    return {key: _memory_key(key[len(PREFIX):], name, layers, savers) for key in adapter_state_dict(model, name)}
+
+
+def save_adapter(model: nn.Module, path: str | Path, name: str = "default",
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write adapter `name` to directory `path` in PEFT's format; returns the directory.
+
+    `tensors`: the adapter's tensors under PEFT's keys when gathered elsewhere (a sharded model).
+    """
     path = Path(path)
-    tensors = adapter_state_dict(model, name)
+    tensors = adapter_state_dict(model, name) if tensors is None else tensors
     cfg = require_state(model).configs[name]
     path.mkdir(parents=True, exist_ok=True)
     write_safetensors(path / WEIGHTS_NAME, tensors)

@@ -86,7 +86,7 @@ def test_generate_batch_file_routes_rows_to_their_adapters(base_dir, tmp_path):
     assert [g["adapter"] for g in got] == ["a", "b", None, "a"]
 
     # oracle: each row alone, with only its adapter (or none)
-    from lorakit.training.evaluate import generate_batch
+    from lorakit.generation import Sampling, generate
     from lorakit.models import load_tokenizer
 
     tok = load_tokenizer(str(base_dir))
@@ -94,7 +94,7 @@ def test_generate_batch_file_routes_rows_to_their_adapters(base_dir, tmp_path):
         model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
         if row["adapter"]:
             lorakit.load_adapter(model, tmp_path / row["adapter"])
-        want = generate_batch(model, tok, [[{"role": "user", "content": row["prompt"]}]], max_new_tokens=5)[0]
+        want = generate(model, tok, [[{"role": "user", "content": row["prompt"]}]], Sampling(max_new_tokens=5))[0]
         assert g["completion"] == want
 
 

@@ -8,7 +8,7 @@ from tiny import make_adapter
 from transformers import AutoModelForCausalLM
 
 import lorakit
-from lorakit.training.evaluate import generate_batch
+from lorakit.generation import Sampling, generate
 from lorakit.models import load_tokenizer
 from lorakit.serving.server import Engine, create_app
 
@@ -29,7 +29,7 @@ def oracle(base_dir, adapter_dir, prompt, n):  # noqa: F811
     model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     if adapter_dir:
         lorakit.load_adapter(model, adapter_dir)
-    return generate_batch(model, load_tokenizer(str(base_dir)), [[{"role": "user", "content": prompt}]], n)[0]
+    return generate(model, load_tokenizer(str(base_dir)), [[{"role": "user", "content": prompt}]], Sampling(max_new_tokens=n))[0]
 
 
 def test_models_lists_base_and_adapters(served):

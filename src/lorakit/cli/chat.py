@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import nullcontext
 
-import torch
-
-from .. import adapters as ad
+from ..generation import Sampling, generate
 from .flags import add_inference_flags, settle_inference
 from .loading import load_for_inference, parse_adapters
 
@@ -27,6 +24,8 @@ def run(args: argparse.Namespace, stdin=None) -> int:
     current = next(iter(adapters), None)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                        seed=args.seed)
     print(f"lorakit chat — adapters: {list(adapters) or 'none'}; commands: /adapter NAME, /base, /reset, /exit")
     while True:
         print(f"[{current or 'base'}] you> ", end="", flush=True)
@@ -42,7 +41,6 @@ def run(args: argparse.Namespace, stdin=None) -> int:
                 print(f"unknown adapter {name!r}; loaded: {list(adapters)}")
             else:
                 current = name
-                ad.set_adapter(model, name)
             continue
         if text == "/base":
             current = None
@@ -53,18 +51,10 @@ def run(args: argparse.Namespace, stdin=None) -> int:
         if not text:
             continue
         history.append({"role": "user", "content": text})
-        ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)
-        ids = {k: v.to(next(model.parameters()).device) for k, v in ids.items()}
-        sample = args.temperature > 0
-        kw = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if sample else {"do_sample": False}
         print("assistant> ", end="", flush=True)
-        ctx = ad.disabled(model) if adapters and current is None and not args.merge else nullcontext()
-        with ctx, torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, streamer=streamer,
-                                 pad_token_id=tokenizer.pad_token_id, **kw)
-        reply = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        history.append({"role": "assistant", "content": reply.strip()})
+        rows = None if args.merge else [current]
+        reply = generate(model, tokenizer, [history], sampling, rows=rows, streamer=streamer)[0]
+        history.append({"role": "assistant", "content": reply})
 
 
 def register(sub: argparse._SubParsersAction) -> None:

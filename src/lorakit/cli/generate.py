@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from contextlib import nullcontext
 from typing import Any
 
-import torch
-
-from .. import adapters as ad
 from ..io import write_text
 from ..training.datasets import load_rows
-from ..training.evaluate import generate_batch
+from ..generation import Sampling, generate
 from .flags import add_flag, add_inference_flags, settle_inference
 from .loading import load_for_inference, parse_adapters
 
@@ -46,24 +42,16 @@ def run(args: argparse.Namespace) -> int:
     adapters = parse_adapters(args.adapter or [])
     model, tokenizer = load_for_inference(args.model, adapters, merge=args.merge)
     rows = _rows(args)
-    torch.manual_seed(args.seed)
     wanted = [row.get("adapter", next(iter(adapters), None)) if adapters else None for row in rows]
     if args.merge and any(w is not None and w not in adapters for w in wanted):
         raise ValueError("rows name adapters, but --merge folded the adapters into the model")
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                        seed=args.seed)
     outputs: list[str] = []
     for start in range(0, len(rows), args.batch_size):
-        chunk = rows[start:start + args.batch_size]
-        prompts = [messages_of(r, args.system) for r in chunk]
-        names = wanted[start:start + args.batch_size]
-        if adapters and not args.merge and len(set(names)) > 1:
-            with ad.per_row(model, names):
-                outputs += generate_batch(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_p)
-        else:
-            if adapters and not args.merge and names[0] is not None:
-                ad.set_adapter(model, names[0])
-            ctx = ad.disabled(model) if adapters and not args.merge and names[0] is None else nullcontext()
-            with ctx:
-                outputs += generate_batch(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_p)
+        prompts = [messages_of(r, args.system) for r in rows[start:start + args.batch_size]]
+        names = None if args.merge else wanted[start:start + args.batch_size]
+        outputs += generate(model, tokenizer, prompts, sampling, rows=names)
     if args.output:
         lines = [json.dumps({**row, "adapter": w, "completion": out}) for row, w, out in zip(rows, wanted, outputs)]
         write_text(args.output, "\n".join(lines) + "\n")

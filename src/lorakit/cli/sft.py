@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shlex
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -38,11 +42,21 @@ HELP = {
                  "units, e.g. CPU flags avx512_bf16 / amx_bf16) | fp16 (CUDA)",
     "packing": "concatenate each batch's rows into one sequence without padding (llama-family causal LMs; "
                "other models train on padded batches)",
+    "batch_size": "rows per micro-batch in each process (N processes train on global batches of N x this)",
+    "distributed": "auto | ddp | fsdp: how several processes share the work; auto is ddp when there are several "
+                   "(fsdp also shards the frozen base, one decoder block at a time)",
+    "dist_backend": "auto | gloo | nccl: torch.distributed backend; auto is nccl with GPUs, else gloo (CPU)",
+    "nproc": "processes on this node: N > 1 relaunches this command as `torchrun --nproc-per-node N -m lorakit sft`",
+    "nnodes": "torchrun --nnodes: how many nodes (or MIN:MAX); more than 1 needs --rdzv-endpoint",
+    "rdzv_backend": "torchrun --rdzv-backend (with --rdzv-endpoint)",
+    "rdzv_endpoint": "torchrun --rdzv-endpoint HOST:PORT: where the nodes meet (a host every node can reach)",
+    "rdzv_id": "torchrun --rdzv-id: one id per job, the same on every node",
 }
 ALIASES = {"lora_rank": ["--rank", "-r"], "learning_rate": ["--lr"], "epochs": ["--num-train-epochs", "--num_train_epochs"],
            "batch_size": ["--per-device-train-batch-size", "--per_device_train_batch_size"],
            "grad_accum": ["--gradient-accumulation-steps", "--gradient_accumulation_steps"],
-           "dataset": ["--train-file"], "eval_dataset": ["--val-dataset", "--val_dataset"]}
+           "dataset": ["--train-file"], "eval_dataset": ["--val-dataset", "--val_dataset"],
+           "nproc": ["--nproc-per-node", "--nproc_per_node"]}
 
 
 def _parse_bool(text: str) -> bool:
@@ -107,12 +121,40 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
+_LAUNCHER = {"command", "func", "nproc", "nnodes", "rdzv_backend", "rdzv_endpoint", "rdzv_id"}
+
+
+def torchrun_command(cfg: TrainConfig, args: argparse.Namespace) -> list[str]:
+    """`torchrun --nproc-per-node N [rendezvous] -m lorakit sft FLAGS`: this command under torchrun."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.nproc), "--nnodes", cfg.nnodes]
+    if cfg.rdzv_endpoint:
+        cmd += ["--rdzv-backend", cfg.rdzv_backend, "--rdzv-endpoint", cfg.rdzv_endpoint, "--rdzv-id", cfg.rdzv_id]
+    elif cfg.nnodes == "1":
+        cmd.append("--standalone")  # one node: a free local port for the rendezvous
+    else:
+        raise ValueError(f"--nnodes {cfg.nnodes} needs --rdzv-endpoint HOST:PORT, a host and free port every "
+                         f"node can reach (e.g. the first node's name and 29500)")
+    flags = []
+    for name, value in vars(args).items():
+        if name in _LAUNCHER or value is None or (name == "debug" and not value):
+            continue  # torchrun's options stay with torchrun (an abbreviation like --nproc would confuse it)
+        flag = "--" + name.replace("_", "-")
+        for v in value if isinstance(value, list) else [value]:
+            flags += [flag] if name == "debug" else [flag, str(v).lower() if isinstance(v, bool) else str(v)]
+    return cmd + ["-m", "lorakit", "sft", *flags]
+
+
 def run_sft(args: argparse.Namespace) -> int:
+    from ..training import distributed
     from ..training.trainer import Trainer
 
     cfg = config_from_args(args)
+    if (cfg.nproc > 1 or cfg.nnodes != "1" or cfg.rdzv_endpoint) and not (distributed.launched() or cfg.dry_run):
+        cmd = torchrun_command(cfg, args)
+        print("launching: torchrun " + shlex.join(cmd[3:]), flush=True)
+        return subprocess.call(cmd)
     Trainer(cfg).train()
-    if not cfg.dry_run:
+    if not cfg.dry_run and int(os.environ.get("RANK", "0")) == 0:
         print(f"adapter written to {cfg.output_dir}/ (adapter_config.json, adapter_model.safetensors)")
     return 0
 

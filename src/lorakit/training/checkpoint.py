@@ -15,18 +15,19 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ..io import atomic_dir, copy_adapter_weights, read_safetensors, save_adapter, write_json, write_safetensors
+from ..io import (WEIGHTS_NAME, atomic_dir, copy_adapter_weights, read_safetensors, save_adapter, write_json,
+                  write_safetensors)
 
 _STEP = re.compile(r"^step-(\d+)$")
 
 
-def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+def _optimizer_to_files(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state_dict as safetensors (the tensors) plus JSON (the rest)."""
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for key, value in st.items():
@@ -64,11 +65,17 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, adapter: str, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, trainer_state: dict, keep: int | None = None) -> Path:
-    """Write checkpoints/step-N atomically; then keep only the newest `keep` checkpoints."""
+                    scheduler: Any, trainer_state: dict, keep: int | None = None,
+                    tensors: dict[str, torch.Tensor] | None = None, optimizer_state: dict | None = None) -> Path:
+    """Write checkpoints/step-N atomically; then keep only the newest `keep` checkpoints.
+
+    `tensors` (the adapter under PEFT keys) and `optimizer_state` (a state_dict): when gathered
+    whole from a sharded model (distributed.full_adapter / full_optimizer); else read from
+    `model` and `optimizer`.
+    """
     def write(tmp: Path) -> None:
-        save_adapter(model, tmp, name=adapter)
-        opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+        save_adapter(model, tmp, name=adapter, tensors=tensors)
+        opt_tensors, opt_meta = _optimizer_to_files(optimizer_state or optimizer.state_dict())
         rng_tensors, rng_meta = rng_state()
         write_safetensors(tmp / "optimizer.safetensors", opt_tensors)
         write_safetensors(tmp / "rng_state.safetensors", rng_tensors)
@@ -92,12 +99,19 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, model: nn.Module, adapter: str, optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> dict:
-    """Restore adapter weights, optimizer, scheduler and RNG from `path`; return the trainer state."""
+                    scheduler: Any, load_weights: Callable[[dict, dict], None] | None = None) -> dict:
+    """Restore adapter weights, optimizer, scheduler and RNG from `path`; return the trainer state.
+
+    `load_weights(adapter_tensors, optimizer_state)` replaces the plain copy into `model` and
+    `optimizer` (a sharded model: distributed.load_full_state).
+    """
     state = json.loads((path / "trainer_state.json").read_text())
-    copy_adapter_weights(model, path, adapter)
-    optimizer.load_state_dict(_optimizer_from_files(read_safetensors(path / "optimizer.safetensors"),
-                                                    state["optimizer"]))
+    opt_state = _optimizer_from_files(read_safetensors(path / "optimizer.safetensors"), state["optimizer"])
+    if load_weights is None:
+        copy_adapter_weights(model, path, adapter)
+        optimizer.load_state_dict(opt_state)
+    else:
+        load_weights(read_safetensors(path / WEIGHTS_NAME), opt_state)
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(read_safetensors(path / "rng_state.safetensors"), state["rng"])
     return state

@@ -53,6 +53,14 @@ class TrainConfig:
     resume: bool = False                              # continue from the newest checkpoint in output_dir
     dry_run: bool = False                             # show tokenised rows (trained tokens highlighted), no training
     num_labels: int | None = None                     # seq_cls: taken from the data when unset
+    # --- several processes (training/distributed.py); --batch-size stays per process ---
+    distributed: str = "auto"                         # auto (ddp when there are several processes) | ddp | fsdp
+    dist_backend: str = "auto"                        # auto (nccl with GPUs, else gloo) | gloo | nccl
+    nproc: int = 1                                    # processes on this node; > 1 relaunches under torchrun
+    nnodes: str = "1"                                 # torchrun --nnodes: nodes, or a MIN:MAX range
+    rdzv_backend: str = "c10d"                        # torchrun --rdzv-backend (used with --rdzv-endpoint)
+    rdzv_endpoint: str = ""                           # torchrun --rdzv-endpoint HOST:PORT of the rendezvous
+    rdzv_id: str = "lorakit"                          # torchrun --rdzv-id: the same on every node of one job
 
     def __post_init__(self) -> None:
         positive = {"lora_rank": self.lora_rank, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -64,7 +72,8 @@ class TrainConfig:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         choices = {"task": ("auto",) + TASKS, "train_type": ("lora", "dora", "qlora", "adalora"),
                    "precision": ("auto", "fp32", "bf16", "fp16"), "lr_scheduler": ("cosine", "linear", "constant"),
-                   "eval_metric": ("loss", "exact_match", "accuracy")}
+                   "eval_metric": ("loss", "exact_match", "accuracy"), "distributed": ("auto", "ddp", "fsdp"),
+                   "dist_backend": ("auto", "gloo", "nccl")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; "
@@ -75,6 +84,8 @@ class TrainConfig:
             self.eval_dataset = [self.eval_dataset]
         if not self.dataset:
             raise ValueError("--dataset is required: a JSONL/JSON/CSV/Parquet file of training rows")
+        if not isinstance(self.nproc, int) or self.nproc < 1:
+            raise ValueError(f"--nproc must be a positive number of processes, got {self.nproc!r}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ValueError("set --epochs > 0 or --max-steps > 0")
 

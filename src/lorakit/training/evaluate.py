@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..generation import Sampling, generate
 from . import datasets as datalib
 
 
@@ -52,30 +53,11 @@ def chat_pairs(paths: list[str] | str) -> list[tuple[list[dict], str]]:
     return pairs
 
 
-@torch.no_grad()
-def generate_batch(model: nn.Module, tokenizer: Any, prompts: list[list[dict]], max_new_tokens: int = 128,
-                   temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
-    """Chat-templated, left-padded batched generation; returns only the new text of each row."""
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
-    device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in enc.items()}
-    sample = temperature > 0
-    kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {"do_sample": False}
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs)
-    new = out[:, enc["input_ids"].shape[1]:]
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
-
-
 def exact_match(model: nn.Module, tokenizer: Any, paths: list[str] | str, max_new_tokens: int = 128,
                 batch_size: int = 32, limit: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Greedy answers compared with the reference after stripping whitespace."""
     pairs = chat_pairs(paths)[:limit]
+    sampling = Sampling(max_new_tokens=max_new_tokens)
     was_training = model.training
     model.eval()
     preds: list[str] = []
@@ -85,7 +67,7 @@ def exact_match(model: nn.Module, tokenizer: Any, paths: list[str] | str, max_ne
 
         chunks = tqdm(chunks, desc="generating", unit="batch", leave=False)
     for start in chunks:
-        preds += generate_batch(model, tokenizer, [p for p, _ in pairs[start:start + batch_size]], max_new_tokens)
+        preds += generate(model, tokenizer, [p for p, _ in pairs[start:start + batch_size]], sampling)
     model.train(was_training)
     hits = [pred == ref.strip() for pred, (_, ref) in zip(preds, pairs)]
     return {"exact_match": sum(hits) / max(len(hits), 1), "n": len(hits), "predictions": preds,

@@ -47,7 +47,8 @@ def loss_sum(model: nn.Module, task: str, batch: dict[str, Tensor]) -> Tensor:
     if task == "seq_cls":
         logits = model(**inputs).logits                                      # (b, classes)
         return F.cross_entropy(logits.float(), labels, reduction="sum")
-    if hasattr(getattr(model, "config", None), "use_cache"):  # no KV cache in training (it also hides packing)
+    core = getattr(model, "module", model)                                   # inside a DDP wrapper
+    if hasattr(getattr(core, "config", None), "use_cache"):  # no KV cache in training (it also hides packing)
         inputs["use_cache"] = False
     parts = fused_head(model)
     if parts is None:

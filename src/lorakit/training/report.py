@@ -14,22 +14,30 @@ from ..io import atomic_write, write_text
 
 
 class RunLog:
-    """Appends metrics as they come and redraws the loss plot; every file write is atomic."""
+    """Appends metrics as they come and redraws the loss plot; every file write is atomic.
 
-    def __init__(self, out: Path, history: list[dict] | None = None, resumed: bool = False) -> None:
+    `write=False` (every process but rank 0 of a distributed run): keeps count, writes and prints nothing.
+    """
+
+    def __init__(self, out: Path, history: list[dict] | None = None, resumed: bool = False,
+                 write: bool = True) -> None:
         self.out = out
+        self.write = write
         self.history = list(history or [])
         self.metrics = out / "metrics.jsonl"
         self.t0 = time.perf_counter()
         self._flush()  # a resumed run drops records past its checkpoint
 
     def _flush(self) -> None:
+        if not self.write:
+            return
         write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in self.history))
 
     def progress(self, total: int, initial: int = 0):
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
+        return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True,
+                    disable=not self.write)
 
     def step(self, rec: dict, bar: Any, every: int, last: bool) -> None:
         bar.update(1)
@@ -39,7 +47,7 @@ class RunLog:
             self._flush()
 
     def eval(self, step: int, metrics: dict[str, float], bar: Any) -> None:
-        if not metrics:
+        if not metrics or not self.write:
             return
         self.history.append({"step": step, **{k: round(v, 6) for k, v in metrics.items()}})
         self._flush()
@@ -49,10 +57,13 @@ class RunLog:
     def write_run_yaml(self, cfg: Any, trainer: Any) -> None:
         from .. import __version__
 
+        if not self.write:
+            return
         settings = dataclasses.asdict(cfg)
         settings["resolved"] = {"task": trainer.task, "total_steps": trainer.total_steps,
-                                "train_rows": len(trainer.train_data), "precision": trainer.precision.name,
-                                "packing": trainer.packing, "lorakit_version": __version__}
+                                "train_rows": len(trainer.train_data), "lorakit_version": __version__,
+                                "world_size": trainer.world.size, "distributed": trainer.world.mode,
+                                "precision": trainer.precision.name, "packing": trainer.packing}
         write_text(self.out / "run.yaml", yaml.safe_dump(settings, sort_keys=False))
 
     def finish(self, trainer: Any, final_eval: dict[str, float]) -> None:

@@ -4,6 +4,8 @@ One straight loop. Each optimizer step takes `grad_accum` micro-batches; the los
 token losses over *all* of them divided by their total number of trained tokens, so
 `batch 1 x accum 4` and `batch 4 x accum 1` give the same gradient. Checkpoints hold the adapter,
 optimizer, scheduler, RNG and data position, so `resume` reproduces an uninterrupted run.
+Under torchrun every process takes its share of each global micro-batch and rank 0 alone writes
+(distributed.py: DDP or FSDP2).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 from .. import adalora
 from . import datasets as datalib
+from . import distributed
 from . import precision
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ..inject import inject, set_trainable
@@ -51,6 +54,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = None) -> None:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
+        self.world = distributed.world_from_env(cfg)  # this process under torchrun; checks that need no model
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.task = detect_task(cfg.dataset[0]) if cfg.task == "auto" else cfg.task
@@ -69,7 +73,7 @@ class Trainer:
             return
         self.model = model if model is not None else self._load_model()
         self.adapter = "default"
-        self.micro_per_epoch = math.ceil(len(self.train_data) / cfg.batch_size)
+        self.micro_per_epoch = math.ceil(len(self.train_data) / (cfg.batch_size * self.world.size))
         self.total_steps = (cfg.max_steps if cfg.max_steps > 0
                             else max(1, math.ceil(cfg.epochs * self.micro_per_epoch / cfg.grad_accum)))
         self._attach_adapter()
@@ -88,13 +92,14 @@ class Trainer:
             else:
                 raise ValueError("--gradient-checkpointing needs a transformers model; this model has no "
                                  "activation/gradient checkpointing switch")
-        self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio)
-        warmup = int(cfg.warmup_ratio * self.total_steps)
-        self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, warmup, self.total_steps)
         self.precision = precision.resolve(cfg.precision, self.device)
         self.autocast_dtype, self.scaler = self.precision.autocast_dtype, self.precision.scaler()
         if self.precision.base_dtype and model is None and cfg.train_type == "lora":  # a model we loaded ourselves
             precision.cast_frozen(self.model, self.precision.base_dtype)
+        self.train_model = distributed.wrap(self.world, self.model)  # what a training forward calls (DDP wrapper)
+        self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio)
+        warmup = int(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, warmup, self.total_steps)
         self.step, self.epoch, self.micro_in_epoch = 0, 0, 0
         self.last_loss: float | None = None
         self.history: list[dict] = []
@@ -116,8 +121,8 @@ class Trainer:
             prepare_model(model)
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
-        if torch.cuda.is_available() and self.cfg.train_type != "qlora":
-            model = model.cuda()
+        if self.world.device.type == "cuda" and self.cfg.train_type != "qlora":
+            model = model.to(self.world.device)
         return model
 
     def _attach_adapter(self) -> None:
@@ -142,7 +147,9 @@ class Trainer:
 
     # --- data stream ---
     def _order(self, epoch: int) -> list[list[int]]:
-        return datalib.batches(self.train_data, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, epoch=epoch)
+        """Global micro-batches (all processes' rows together), the same in every process."""
+        return datalib.batches(self.train_data, self.cfg.batch_size * self.world.size, shuffle=True,
+                               seed=self.cfg.seed, epoch=epoch)
 
     def _next_micro_batches(self) -> list[list[int]]:
         """The next grad_accum micro-batches; advances the data position (epoch, index in epoch)."""
@@ -163,7 +170,7 @@ class Trainer:
     # --- loss ---
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum (not mean) of the token losses of a batch; the caller divides by the step's token count."""
-        return loss_sum(self.model, self.task, batch)
+        return loss_sum(self.train_model, self.task, batch)
 
     def autocast(self):
         """The autocast context of this run's precision (disabled at fp32): every forward runs in it."""
@@ -173,25 +180,32 @@ class Trainer:
     def accumulate(self, micro: list[list[int]]) -> tuple[float, int]:
         """Forward/backward over micro-batches of row indices; gradients sum to d(mean token loss).
 
-        Returns (loss, input tokens). The divisor is the trained-token count of all micro-batches
-        together, so how the rows are split into micro-batches does not change the gradient.
+        Returns (loss, input tokens) of the whole step, over all processes. The divisor is the
+        trained-token count of all micro-batches of all processes together, so how the rows are
+        split into micro-batches and processes does not change the gradient (distributed.py).
         """
-        n_tokens = sum(self.train_data[i].n_trained for idx in micro for i in idx)
+        shares = [distributed.share(self.world, idx) for idx in micro]  # this process's rows of each
+        n_mine = sum(self.train_data[i].n_trained for idx, real in shares if real for i in idx)
+        n_tokens = distributed.sum_all(self.world, n_mine)[0]
         total, n_input = 0.0, 0
-        for idx in micro:
-            rows = [self.train_data[i] for i in idx]
-            batch = self._batch(rows)
-            n_input += sum(len(row.input_ids) for row in rows)
-            with self.autocast():
-                loss = self.loss_sum(batch) / n_tokens
-            if self.allocator:  # AdaLoRA: orthogonality penalty on A and B, once per optimizer step
-                loss = loss + self.allocator.regularizer() / len(micro)
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += loss.item()
-        return total, n_input
+        for k, (idx, real) in enumerate(shares):
+            batch = self._batch([self.train_data[i] for i in idx])
+            with distributed.grad_sync(self.world, self.train_model, sync=k == len(shares) - 1):
+                with self.autocast():
+                    loss = self.loss_sum(batch) * self.world.size / n_tokens  # DDP/FSDP average over processes
+                if not real:  # a stand-in row: this process has none in this micro-batch
+                    loss = loss * 0.0
+                if self.allocator:  # AdaLoRA: orthogonality penalty on A and B, once per optimizer step
+                    loss = loss + self.allocator.regularizer() / len(micro)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.item() / self.world.size
+            n_input += sum(len(self.train_data[i].input_ids) for i in idx) if real else 0
+        total, n_input = distributed.sum_all(self.world, total, n_input)
+        return total, int(n_input)
 
     def train_step(self) -> dict[str, float]:
         self.model.train()
+        distributed.step_seed(self.world, self.cfg.seed, self.step)
         t0 = time.perf_counter()
         total, n_input = self.accumulate(self._next_micro_batches())
         if not math.isfinite(total):
@@ -215,7 +229,7 @@ class Trainer:
         self.step += 1
         self.last_loss = total
         dt = time.perf_counter() - t0
-        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": float(grad_norm),
+        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": distributed.to_float(grad_norm),
                 "tokens_per_s": n_input / dt, "epoch": self.epoch + self.micro_in_epoch / self.micro_per_epoch}
 
     # --- evaluation ---
@@ -237,11 +251,20 @@ class Trainer:
     # --- checkpoints ---
     def trainer_state(self) -> dict:
         return {"epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch, "last_loss": self.last_loss,
-                "total_steps": self.total_steps, "config": dataclasses.asdict(self.cfg)}
+                "total_steps": self.total_steps, "world_size": self.world.size,
+                "config": dataclasses.asdict(self.cfg)}
 
-    def save_checkpoint(self) -> Path:
-        return save_checkpoint(self.out / "checkpoints", self.step, self.model, self.adapter, self.optimizer,
-                               self.scheduler, self.trainer_state(), keep=self.cfg.save_total_limit)
+    def save_checkpoint(self) -> Path | None:
+        """Every process calls this (a sharded model is gathered whole); rank 0 writes, the others wait."""
+        tensors = distributed.full_adapter(self.world, self.model, self.adapter)
+        opt_state = distributed.full_optimizer(self.world, self.model, self.optimizer)
+        path = None
+        if self.world.is_main:
+            path = save_checkpoint(self.out / "checkpoints", self.step, self.model, self.adapter, self.optimizer,
+                                   self.scheduler, self.trainer_state(), keep=self.cfg.save_total_limit,
+                                   tensors=tensors, optimizer_state=opt_state)
+        distributed.barrier(self.world)
+        return path
 
     def resume(self) -> Path:
         if self.allocator:  # checkpoints hold PEFT's rank-cut AdaLoRA files, not the allocator's scores
@@ -251,11 +274,13 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.out / 'checkpoints'}; "
                                     f"start without --resume (or point --output-dir at the earlier run)")
         path = found[-1]
-        state = load_checkpoint(path, self.model, self.adapter, self.optimizer, self.scheduler)
+        load_weights = distributed.state_loader(self.world, self.model, self.adapter, self.optimizer)
+        state = load_checkpoint(path, self.model, self.adapter, self.optimizer, self.scheduler, load_weights)
         self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
         self.last_loss = state["last_loss"]
         self.history = [r for r in _read_metrics(self.out / "metrics.jsonl") if r.get("step", 0) <= self.step]
-        print(f"resumed from {path} (step {self.step}, loss {self.last_loss:.4f})")
+        if self.world.is_main:
+            print(f"resumed from {path} (step {self.step}, loss {self.last_loss:.4f})")
         return path
 
     # --- the loop ---
@@ -267,12 +292,13 @@ class Trainer:
             print(self.train_data.summary())
             print(datalib.preview(self.train_data, self.tokenizer, n=3))
             return {"dry_run": True}
-        self.out.mkdir(parents=True, exist_ok=True)
-        for warning in self.train_data.warnings:
-            print(f"warning: {warning}")
+        if self.world.is_main:  # with several processes, rank 0 alone writes and prints
+            self.out.mkdir(parents=True, exist_ok=True)
+            for warning in self.train_data.warnings:
+                print(f"warning: {warning}")
         if cfg.resume:
             self.resume()
-        log = RunLog(self.out, self.history, resumed=cfg.resume)
+        log = RunLog(self.out, self.history, resumed=cfg.resume, write=self.world.is_main)
         log.write_run_yaml(cfg, self)
         bar = log.progress(self.total_steps, initial=self.step)
         try:
@@ -291,6 +317,8 @@ class Trainer:
                     self.save_checkpoint()
         except KeyboardInterrupt:
             bar.close()
+            if self.world.active:  # the other processes may be mid-step: gathering a checkpoint could hang
+                raise
             path = self.save_checkpoint()
             print(f"\ninterrupted: saved {path}; continue with --resume")
             raise
@@ -300,8 +328,12 @@ class Trainer:
         final_eval = self.evaluate()
         if final_eval:
             log.eval(self.step, final_eval, None)
-        save_adapter(self.model, self.out, name=self.adapter)
-        log.finish(self, final_eval)
+        tensors = distributed.full_adapter(self.world, self.model, self.adapter)
+        if self.world.is_main:
+            save_adapter(self.model, self.out, name=self.adapter, tensors=tensors)
+            log.finish(self, final_eval)
+        distributed.barrier(self.world)
+        distributed.close(self.world)
         return {"step": self.step, "loss": self.last_loss, **final_eval}
 
 

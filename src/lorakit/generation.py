@@ -1,0 +1,112 @@
+"""Text generation with adapters: the one helper every command uses (generate, chat, the trainer's
+exact-match evaluation, the server), and the sampling options they share.
+
+    prompts ──chat template──► text ──tokenize, left-pad──► ids ──using(model, rows)──► model.generate ──► new text
+
+`Sampling` holds the options a user sets (max new tokens, temperature, top-p, seed, stop strings);
+`generate` runs one batch, each row with its own adapter (`adapters.using`). Encoder-decoder
+models (T5) take the prompt as the encoder input, without a chat template.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import using
+
+Prompt = str | list[dict[str, Any]]  # raw text, or OpenAI-style chat messages
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens. temperature 0 is greedy decoding."""
+
+    max_new_tokens: int = 256
+    """Tokens to generate at most per row."""
+    temperature: float = 0.0
+    """0: greedy (the most likely token); > 0: sample with this temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample among the most likely tokens holding this much probability."""
+    seed: int | None = None
+    """Seed for sampling, so the same request gives the same text."""
+    stop: tuple[str, ...] = ()
+    """Cut the text at the first of these strings (not included)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        object.__setattr__(self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop or ()))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments `model.generate` takes for these options."""
+        if self.greedy:
+            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,
+                "top_p": self.top_p}
+
+
+def prompt_text(tokenizer: Any, prompt: Prompt, chat: bool = True) -> str:
+    """The text a model sees for `prompt`: chat messages through the tokenizer's template."""
+    if isinstance(prompt, str):
+        if not chat or getattr(tokenizer, "chat_template", None) is None:
+            return prompt
+        prompt = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the first stop string, and whether one was found."""
+    cuts = [i for s in stop if s and (i := text.find(s)) >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], sampling: Sampling = Sampling(),
+             rows: Sequence[str | None] | str | None = None, streamer: Any = None) -> list[str]:
+    """Generate for a batch of prompts; returns only the new text of each row (special tokens dropped).
+
+    Args:
+        prompts: raw texts or chat message lists; a causal LM gets them through its chat template.
+        rows: which adapters to use (`adapters.using`): None for whatever is active, one name for
+            every row, or one name per row (None in the list: the base model for that row).
+        streamer: a transformers streamer (one-row batches only), e.g. for a terminal chat.
+    """
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    texts = [prompt_text(tokenizer, p, chat=not encoder_decoder) if not encoder_decoder else _source(p)
+             for p in prompts]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right" if encoder_decoder else "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=encoder_decoder)
+    finally:
+        tokenizer.padding_side = side
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    with using(model, rows):
+        out = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, streamer=streamer,
+                             **sampling.generate_kwargs())
+    new = out if encoder_decoder else out[:, enc["input_ids"].shape[1]:]
+    texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    return [cut_at_stop(t, sampling.stop)[0] for t in texts]
+
+
+def _source(prompt: Prompt) -> str:
+    """An encoder-decoder's input: the text, or the last user message of a chat."""
+    if isinstance(prompt, str):
+        return prompt
+    return next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), "")
