@@ -57,10 +57,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-rows", type=int, default=200, help="held-out rows scored by exact match")
     p.add_argument("--rounds", type=int, default=2, help="runs of each tool and setting, alternating")
     p.add_argument("--only", choices=["fp32", "best"], default=None, help="run only these rows")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS of both tools' processes (default: torch's own, all cores)")
     p.add_argument("--work-dir", type=Path, default=None, help="data and adapters go here (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write every run's numbers here")
     p.add_argument("--child-trl", action="store_true", help=argparse.SUPPRESS)  # internal: one TRL run
-    p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--data", type=Path, help=argparse.SUPPRESS)  # the rest: --child-trl's own
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -84,10 +86,12 @@ def trl_cmd(args: argparse.Namespace, data: Path, out: Path, bf16: bool) -> list
     return cmd + (["--bf16"] if bf16 else [])
 
 
-def run_child(cmd: list[str], log: Path) -> tuple[float, float]:
+def run_child(cmd: list[str], log: Path, threads: int | None = None) -> tuple[float, float]:
     """Run cmd to completion; (wall seconds, the child's own peak RSS in MB from wait4)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "w") as f:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             out = work / f"{label.split()[0].replace('+', '_')}-{precision}-r{rnd}"
             cmd = (lorakit_cmd(args, data, out, precision) if tool == "lorakit"
                    else trl_cmd(args, data, out, precision == "bf16"))
-            wall, rss = run_child(cmd, work / f"{out.name}.log")
+            wall, rss = run_child(cmd, work / f"{out.name}.log", args.threads)
             res = (lorakit_result(out) if tool == "lorakit"
                    else json.loads((work / f"{out.name}.log").read_text().strip().splitlines()[-1]))
             runs[label].append({"wall_s": wall, "peak_rss_mb": rss, "out": str(out), **res})

@@ -46,7 +46,7 @@ def test_sft_e2e_help_and_settings():
     out = subprocess.run([sys.executable, str(BENCH / "sft_e2e.py"), "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0
-    for flag in ("--steps", "--rows", "--test-rows", "--eval-rows", "--rounds", "--only", "--work-dir"):
+    for flag in ("--steps", "--rows", "--test-rows", "--eval-rows", "--rounds", "--only", "--work-dir", "--threads"):
         assert flag in out.stdout
     sys.path.insert(0, str(BENCH))
     import sft_e2e
