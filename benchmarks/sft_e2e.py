@@ -146,15 +146,23 @@ def trl_child(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------- scoring
-def score(model_name: str, adapter: Path, test: Path, limit: int) -> float:
-    """The common evaluator: base model + the saved adapter, greedy exact match on held-out rows."""
+def score(model_name: str, adapter: Path, test: Path, limit: int) -> tuple[float, float]:
+    """The common evaluator: base model + the saved adapter on held-out rows; (greedy exact match,
+    mean loss per answer token). The same code scores both tools' adapters."""
     import lorakit
     from lorakit.models import load_model, load_tokenizer
+    from lorakit.training import datasets as datalib
     from lorakit.training.evaluate import exact_match
+    from lorakit.training.loss import loss_sum
 
     model, tok = load_model(model_name), load_tokenizer(model_name)
     lorakit.load_adapter(model, str(adapter))
-    return exact_match(model, tok, str(test), max_new_tokens=32, limit=limit)["exact_match"]
+    em = exact_match(model, tok, str(test), max_new_tokens=32, limit=limit)["exact_match"]
+    rows = datalib.build_dataset([str(test)], tok).rows[:limit]
+    with torch.no_grad():
+        total = sum(loss_sum(model, "causal_lm", datalib.collate(rows[i:i + 16], tok.pad_token_id)).item()
+                    for i in range(0, len(rows), 16))
+    return em, total / sum(r.n_trained for r in rows)
 
 
 def tokens_per_row(model_name: str, train: Path, max_length: int) -> float:
@@ -212,17 +220,17 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], per_row: float
     tokens = args.steps * args.batch_size * per_row  # input tokens (padding excluded) a run trains on
     rows, em = [], {}
     for label, rs in runs.items():
-        em[label] = score(args.model, Path(rs[-1]["out"]), data / "test.jsonl", args.eval_rows)
+        em[label], held_out = score(args.model, Path(rs[-1]["out"]), data / "test.jsonl", args.eval_rows)
         wall, train = med([r["wall_s"] for r in rs]), med([r["train_s"] for r in rs])
         loss = statistics.mean(rs[-1]["losses"][-TAIL:])
         rows.append([label, f"{wall:.1f}", f"{train:.1f}", f"{train / args.steps:.2f}", f"{tokens / train:.0f}",
-                     f"{med([r['peak_rss_mb'] for r in rs]):.0f}", f"{loss:.4f}", f"{em[label]:.1%}"])
+                     f"{med([r['peak_rss_mb'] for r in rs]):.0f}", f"{loss:.4f}", f"{held_out:.4f}", f"{em[label]:.1%}"])
     lines = [f"## lorakit sft vs TRL SFTTrainer + PEFT, end to end\n",
              f"torch {torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, load average "
              f"{load_avg()}; {args.steps} steps of batch {args.batch_size}, {args.rows} rows (~{per_row:.0f} tokens "
              f"a row), {args.rounds} rounds, exact match on {args.eval_rows} held-out rows\n",
-             table(["run", "wall s", "train s", "s/step", "tokens/s", "peak RSS MB", f"final loss (last {TAIL})",
-                    "exact match"], rows), ""]
+             table(["run", "wall s", "train s", "s/step", "tokens/s", "peak RSS MB", f"train loss (last {TAIL})",
+                    "held-out loss", "exact match"], rows), ""]
     pairs = [("lorakit fp32", "TRL+PEFT fp32", 0.5), ("lorakit bf16", "TRL+PEFT bf16=True", 0.6)]
     for ours, theirs, target in pairs:
         if ours in runs and theirs in runs:
