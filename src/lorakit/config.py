@@ -46,7 +46,9 @@ def parse_targets(values: list[str] | str) -> list[str] | str:
     ["q_proj", "v_proj"] are the same list.
     """
     text = ",".join([values] if isinstance(values, str) else [str(v) for v in values])
-    if text.strip().lower() == "all-linear" or any(c in text for c in "*[]()|^$\\?+{}"):
+    if text.strip().lower() == "all-linear":
+        return "all-linear"
+    if any(c in text for c in "*[]()|^$\\?+{}"):
         return text.strip()
     return [t.strip() for t in text.replace(" ", ",").split(",") if t.strip()]
 

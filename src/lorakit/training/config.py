@@ -63,7 +63,7 @@ class TrainConfig:
     loraplus_lr_ratio: float | None = None
     """LoRA+: B matrices learn this many times faster than A (e.g. 16)."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """AdamW's decoupled weight decay on the trained weights."""
     batch_size: int = 4
     """Rows per micro-batch (per process)."""
     grad_accum: int = 1

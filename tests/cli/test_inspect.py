@@ -1,0 +1,44 @@
+"""`lorakit inspect` and `lorakit compress` from the command line (the numbers: tests/test_inspection.py)."""
+
+import json
+
+import pytest
+from test_inspection import CFG, _random, _save
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lorakit
+from lorakit.cli import main
+
+
+@pytest.fixture
+def base():
+    import torch
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**CFG)).eval()
+
+
+@pytest.fixture
+def base_dir(tmp_path, base):
+    base.save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def test_cli_inspect_and_compress(tmp_path, base, base_dir, capsys):
+    _save(base, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), tmp_path / "ad", _random)
+    png = tmp_path / "heat.png"
+    assert main(["inspect", str(tmp_path / "ad"), "--model", str(base_dir), "--top", "3", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "top 3 by ||ΔW|| / ||W0||" in out and "q_proj" in out and "rank90" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["inspect", str(tmp_path / "ad"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 4 and rows[0]["relative"] is None and len(rows[0]["singular_values"]) == 4
+    assert main(["compress", str(tmp_path / "ad"), "--rank", "2", "--output_dir", str(tmp_path / "c")]) == 0
+    assert "total relative error" in capsys.readouterr().out
+    assert main(["compress", str(tmp_path / "ad"), "--rank", "2", "--output-dir", str(tmp_path / "c")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    for cmd in ("inspect", "compress"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0 and "DIR" in capsys.readouterr().out
