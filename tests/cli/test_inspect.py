@@ -3,25 +3,10 @@
 import json
 
 import pytest
-from test_inspection import CFG, _random, _save
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_inspection import _random, _save, base, base_dir  # noqa: F401 (fixtures)
 
 import lorakit
 from lorakit.cli import main
-
-
-@pytest.fixture
-def base():
-    import torch
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**CFG)).eval()
-
-
-@pytest.fixture
-def base_dir(tmp_path, base):
-    base.save_pretrained(tmp_path / "base")
-    return tmp_path / "base"
 
 
 def test_cli_inspect_and_compress(tmp_path, base, base_dir, capsys):

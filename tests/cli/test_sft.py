@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 import yaml
-from tiny import byte_tokenizer, tiny_llama, write_chat
+from tiny import save_model_folder, write_chat
 
 import lorakit
 from lorakit.cli import build_parser, main
@@ -203,14 +203,8 @@ def test_warmup_steps_and_ratio_together_are_refused(tmp_path, capsys):
 # --- QLoRA ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def qlora_base(tmp_path_factory):
-    """A tiny Llama (hidden 64: bitsandbytes' CPU kernels want multiples of 32) with the byte tokenizer."""
-    d = tmp_path_factory.mktemp("qbase")
-    tok = byte_tokenizer()
-    model = tiny_llama(vocab=len(tok), hidden=64)
-    torch.nn.init.normal_(model.lm_head.weight, std=1.0)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    """hidden 64: bitsandbytes' CPU kernels want multiples of 32."""
+    return save_model_folder(tmp_path_factory.mktemp("qbase"), hidden=64)
 
 
 def test_qlora_from_the_cli_trains_and_matches_peft_over_the_same_nf4_base(qlora_base, tmp_path):
