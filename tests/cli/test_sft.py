@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 import yaml
-from tiny import save_model_folder, write_chat
+from tiny import byte_tokenizer, make, save_model_folder, write_chat
 
 import lorakit
 from lorakit.cli import build_parser, main
@@ -192,6 +192,12 @@ def test_warmup_is_rounded_up_as_transformers_and_printed(base_dir, tmp_path, ca
     assert "12 optimizer steps of 2 x 1 rows; warmup 3 steps, then constant" in capsys.readouterr().out
     lrs = [r["lr"] for r in metrics(run) if "lr" in r][:5]  # 0.2 x 12 = 2.4 -> ceil 3 (int() gave 2)
     assert lrs == pytest.approx([1e-3 * s / 4 for s in (1, 2, 3)] + [1e-3, 1e-3], abs=1e-6)
+
+
+@pytest.mark.parametrize("steps, ratio, want", [(120, 0.0833, 10), (120, 10 / 120, 10), (60, 0.1, 6), (7, 0.5, 4)])
+def test_warmup_ratio_rounds_up_without_float_noise(tmp_path, steps, ratio, want):
+    t = make(tmp_path, byte_tokenizer(), max_steps=steps, warmup_ratio=ratio)  # 0.1 * 60 = 6.000000000000001
+    assert t.warmup_steps == want
 
 
 def test_warmup_steps_and_ratio_together_are_refused(tmp_path, capsys):

@@ -83,8 +83,9 @@ class Trainer:
                 raise ValueError("--gradient-checkpointing needs a transformers model; this model has no "
                                  "activation/gradient checkpointing switch")
         self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio)
-        # transformers' rounding: a ratio gives ceil(ratio * total) steps (10/120 of 120 steps is 10, not 9)
-        self.warmup_steps = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
+        # transformers' rounding, ceil(ratio * total) (0.0833 of 120 steps is 10, not 9), less float noise
+        # (0.1 * 60 is 6.000000000000001: 6 steps, not 7)
+        self.warmup_steps = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps - 1e-9)
         self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, self.warmup_steps, self.total_steps)
         self.autocast_dtype, self.scaler = self._precision()
         self.step, self.epoch, self.micro_in_epoch = 0, 0, 0
