@@ -53,6 +53,17 @@ def test_rows_naming_an_unknown_adapter_or_fighting_merge_are_refused(base_dir, 
     assert "pick adapters, but --merge folds every adapter into one model" in capsys.readouterr().err
 
 
+def test_missing_prompts_and_bad_rows_are_named(base_dir, cls_run, tmp_path, capsys):
+    assert main(["generate", "--model", str(base_dir)]) == 2
+    assert "give --prompt TEXT or --prompts FILE.jsonl" in capsys.readouterr().err
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"question": "x"}) + "\n")
+    assert main(["generate", "--model", str(base_dir), "--prompts", str(rows)]) == 2
+    assert "rows.jsonl line 2: a row needs 'prompt' or 'messages', has ['question']" in capsys.readouterr().err
+    assert main(["generate", "--adapter", str(cls_run), "--prompts", str(rows)]) == 2
+    assert "rows.jsonl line 2: a row needs 'text' or 'prompt', has ['question']" in capsys.readouterr().err
+
+
 def test_inference_yaml_merged_equals_unmerged(base_dir, tmp_path, capsys):
     make_adapter(base_dir, tmp_path / "a", seed=1)
     cfg = tmp_path / "infer.yaml"

@@ -45,14 +45,12 @@ class GenerateSettings(InferenceSettings):
 def _rows(args: argparse.Namespace, keys: tuple[str, ...]) -> list[dict[str, Any]]:
     if args.prompt is not None:
         return [{keys[0]: args.prompt}]
-    if args.prompts:
-        rows = load_rows(args.prompts)
-        for i, row in enumerate(rows):
-            if not any(k in row for k in keys):
-                raise ValueError(f"{args.prompts} line {i + 1}: a row needs {' or '.join(map(repr, keys))}, "
-                                 f"has {sorted(row)}")
-        return rows
-    raise ValueError("give --prompt TEXT or --prompts FILE.jsonl")
+    rows = load_rows(args.prompts)
+    for i, row in enumerate(rows):
+        if not any(k in row for k in keys):
+            raise ValueError(f"{args.prompts} line {i + 1}: a row needs {' or '.join(map(repr, keys))}, "
+                             f"has {sorted(row)}")
+    return rows
 
 
 def messages_of(row: dict[str, Any], system: str | None) -> list[dict]:
@@ -96,6 +94,8 @@ def _complete(model, tokenizer, rows, wanted, args, sampling) -> list[dict[str, 
 
 def run(args: argparse.Namespace) -> int:
     sampling = settle_inference(args)
+    if args.prompt is None and not args.prompts:
+        raise ValueError("give --prompt TEXT or --prompts FILE.jsonl")
     adapters = parse_adapters(args.adapter)
     model, tokenizer = load_for_inference(args.model, adapters, merge=args.merge)
     classifier = task_of_model(model) == SEQ_CLS
