@@ -42,4 +42,3 @@ def task_of_config(config: Any) -> str | None:
 def task_of_model(model: Any) -> str | None:
     """The task a loaded model runs, from its class ("T5ForConditionalGeneration" -> "seq2seq")."""
     return TASK_OF_PEFT_TYPE.get(peft_task_type(type(model).__name__) or "")
-

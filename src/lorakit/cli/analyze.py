@@ -41,7 +41,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    lora = settle(args, defaults_of(TrainConfig, LORA_FLAGS))
+    lora = {**defaults_of(TrainConfig), **settle(args, defaults_of(TrainConfig, LORA_FLAGS))}
     if lora["train_type"] not in COUNTED:
         raise ValueError(f"analyze counts {' and '.join(COUNTED)} adapters, not --train-type {lora['train_type']}: "
                          f"a qlora adapter is a lora adapter over a 4-bit base (pass lora), and adalora's ranks "

@@ -136,10 +136,8 @@ class TrainConfig:
 
 
 def lora_config_of(settings: dict[str, Any]) -> LoraConfig:
-    """The LoraConfig that run settings (TrainConfig field names) describe; `lorakit analyze` reads its
+    """The LoraConfig that run settings (TrainConfig's field names) describe; `lorakit analyze` reads its
     flags through this too, so both commands mean the same by the same flags."""
-    defaults = {"use_rslora": False, "init": "default"}
-    get = lambda name: settings.get(name, defaults.get(name))  # noqa: E731
-    return LoraConfig(r=get("lora_rank"), alpha=get("lora_alpha"), dropout=get("lora_dropout"),
-                      target_modules=parse_targets(get("target_modules")), use_rslora=get("use_rslora"),
-                      use_dora=get("train_type") == "dora", init=get("init"))
+    return LoraConfig(r=settings["lora_rank"], alpha=settings["lora_alpha"], dropout=settings["lora_dropout"],
+                      target_modules=parse_targets(settings["target_modules"]), use_rslora=settings["use_rslora"],
+                      use_dora=settings["train_type"] == "dora", init=settings["init"])
