@@ -224,11 +224,19 @@ def write_chat(path, n=24, seed=0):
     return str(path)
 
 
-def tiny_model(tok):
+def tiny_model(tok, hidden: int = 32):
     """A tiny Llama over the byte tokenizer's vocabulary."""
-    model = tiny_llama(vocab=len(tok), hidden=32)
+    model = tiny_llama(vocab=len(tok), hidden=hidden)
     torch.nn.init.normal_(model.lm_head.weight, std=1.0)  # a head strong enough for LoRA to move the outputs
     return model
+
+
+def save_model_folder(path, hidden: int = 32):
+    """`tiny_model` and the byte tokenizer saved as a local model folder, as the commands load one."""
+    tok = byte_tokenizer()
+    tiny_model(tok, hidden).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 
 def make(tmp_path, tok, **kw):

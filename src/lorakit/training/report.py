@@ -63,6 +63,8 @@ class RunLog:
         settings["resolved"] = {"task": trainer.task, "total_steps": trainer.total_steps,
                                 "train_rows": len(trainer.train_data), "lorakit_version": __version__,
                                 "world_size": trainer.world.size, "distributed": trainer.world.mode}
+        if trainer.id2label:  # class names by id: `lorakit generate` prints them for a classifier
+            settings["resolved"]["id2label"] = trainer.id2label
         write_text(self.out / "run.yaml", yaml.safe_dump(settings, sort_keys=False))
 
     def finish(self, trainer: Any, final_eval: dict[str, float]) -> None:
