@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import adalora
+from ..adapters import shared_dropout
 from . import datasets as datalib
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ..inject import inject, set_trainable
@@ -193,11 +194,12 @@ class Trainer:
         for idx in micro:
             batch = self._batch([self.train_data[i] for i in idx])
             n_input += int(batch["attention_mask"].sum())
-            with self._autocast():
-                loss = self.loss_sum(batch) / n_tokens
-            if self.allocator:  # AdaLoRA: orthogonality penalty on A and B, once per optimizer step
-                loss = loss + self.allocator.regularizer() / len(micro)
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            with shared_dropout(self.model):  # q/k/v (gate/up) LoRA branches share one dropout draw
+                with self._autocast():
+                    loss = self.loss_sum(batch) / n_tokens
+                if self.allocator:  # AdaLoRA: orthogonality penalty on A and B, once per optimizer step
+                    loss = loss + self.allocator.regularizer() / len(micro)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
         return total, n_input
 
