@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.resources
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -161,6 +162,23 @@ def randomize_lora(model: nn.Module, name: str = "default", seed: int = 0, std: 
         for pname, param in sorted(model.named_parameters()):
             if f".adapters.{name}." in pname or f".modules_to_save.{name}." in pname:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def randomize_adapters(model: nn.Module, std: float = 0.2, seed: int = 3) -> None:
+    """Give every adapter of every LoRA layer non-zero B (and fresh A), so the branches do something."""
+    from lorakit.state import lora_layers
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for ad in layer.adapters.values():
+                for t in (ad.lora_A.weight, ad.lora_B.weight):
+                    t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype) * std)
+
+
+def wrap(**modules: nn.Module) -> nn.Sequential:
+    """A model whose only children are the given modules, by name."""
+    return nn.Sequential(OrderedDict(modules))
 
 
 def ids(batch: int = 2, seq: int = 6, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:

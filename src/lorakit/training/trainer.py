@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import adalora
+from ..adapters import shared_dropout
 from . import datasets as datalib
 from . import distributed
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -210,7 +211,8 @@ class Trainer:
         total, n_input = 0.0, 0
         for k, (idx, real) in enumerate(shares):
             batch = self._batch([self.train_data[i] for i in idx])
-            with distributed.grad_sync(self.world, self.train_model, sync=k == len(shares) - 1):
+            with shared_dropout(self.model), \
+                    distributed.grad_sync(self.world, self.train_model, sync=k == len(shares) - 1):
                 with self._autocast():
                     loss = self.loss_sum(batch) * self.world.size / n_tokens  # DDP/FSDP average over processes
                 if not real:  # a stand-in row: this process has none in this micro-batch
