@@ -95,7 +95,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], sampli
     With `sampling.seed`, row i draws from its own generator seeded `seed + i`, so a row's text does
     not depend on the other rows in the batch.
     """
-    from .engine import Engine, Row, supports
+    from .engine import supports
 
     if not prompts:
         return []
@@ -111,16 +111,21 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], sampli
             chunk = None if names is None else names[start:start + size]
             out += _generate_hf(model, tokenizer, prompts[start:start + size], sampling, chunk, streamer)
         return out
-    texts = [prompt_text(tokenizer, p) for p in prompts]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return _generate_engine(model, tokenizer, prompts, sampling, names, size, streamer, progress)
+
+
+def _generate_engine(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], sampling: Sampling,
+                     names: Sequence[str | None] | None, size: int, streamer: Any, progress: bool) -> list[str]:
+    """`generate` for a causal LM: every prompt a row of one continuous batch of at most `size` rows."""
+    from .engine import Engine, Row
+
+    ids = tokenizer([prompt_text(tokenizer, p) for p in prompts], add_special_tokens=False)["input_ids"]
     batch = [Row(row_ids, adapter=None if names is None else names[i],
                  sampling=sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + i))
              for i, row_ids in enumerate(ids)]
-    engine = Engine(model, tokenizer, max_batch_size=size, routed=names is not None)
     bar = _bar(None, progress, "rows", total=len(batch))
     if streamer is not None:
-        streamer.put(torch.tensor([batch[0].prompt]))
-
+        streamer.put(torch.tensor([batch[0].prompt]))               # as model.generate: the prompt first
     streamed = 0
 
     def on_step(changed: list) -> None:
@@ -135,7 +140,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], sampli
     was_training = model.training
     model.eval()
     try:
-        engine.run(batch, on_step=on_step)
+        Engine(model, tokenizer, max_batch_size=size, routed=names is not None).run(batch, on_step=on_step)
     finally:
         model.train(was_training)
         if streamer is not None:
