@@ -38,6 +38,7 @@ from .adapters import using
 from .generation import Sampling, cut_at_stop
 
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"  # Row.finish_reason values
+MIN_TEMPERATURE = 1e-4  # below it, sampling is greedy (logits / t would overflow to inf)
 
 
 @dataclass(eq=False)
@@ -352,12 +353,14 @@ def pick_tokens(logits: Tensor, rows: Sequence[Row]) -> list[int]:
     tokens = logits.argmax(-1).tolist()                                # (rows,)
     for i, row in enumerate(rows):
         s = row.sampling
-        if s.greedy:
+        if s.greedy or s.temperature < MIN_TEMPERATURE:
             continue
         probs = torch.softmax(logits[i] / s.temperature, dim=-1)       # (vocab,)
         if s.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             drop = sorted_p.cumsum(0) - sorted_p > s.top_p             # keep the smallest set holding top_p
             probs = probs.scatter(0, order[drop], 0.0)
-        tokens[i] = int(torch.multinomial(probs, 1, generator=row.generator))
+        probs = probs.nan_to_num(0.0)                                   # a broken adapter must not stop the batch
+        if probs.sum() > 0:
+            tokens[i] = int(torch.multinomial(probs, 1, generator=row.generator))
     return tokens
