@@ -230,3 +230,29 @@ def test_routing_is_held_while_the_rows_stay_and_left_when_idle(two):
     while not engine.idle:
         engine.step()
     assert state.routing is None and lorakit.active_adapters(model) == active
+
+
+def test_a_failed_step_fails_its_rows_and_the_engine_starts_afresh(two):
+    from lorakit.engine import ERROR
+    from lorakit.state import get_state
+
+    model, tok = two
+    engine = Engine(model, tok)
+    first = engine.add(Row(encode(tok, "hi"), adapter="a", sampling=Sampling(max_new_tokens=6)))
+    engine.step()
+    second = engine.add(Row(encode(tok, "yo"), adapter="b", sampling=Sampling(max_new_tokens=6)))
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    model.forward = boom                                             # the prefill of the second row fails
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            engine.step()
+    finally:
+        del model.forward
+    failed = engine.abort("generation failed: out of memory")
+    assert set(failed) == {first, second} and all(r.finish_reason == ERROR for r in failed)
+    assert engine.idle and get_state(model).routing is None
+    again = engine.run([Row(encode(tok, "yo"), adapter="b", sampling=Sampling(max_new_tokens=6))])[0]
+    assert again.tokens == alone(model, tok, "yo", "b", 6, engine.eos)

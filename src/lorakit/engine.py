@@ -135,6 +135,7 @@ class Engine:
         self._keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.waiting: deque[Row] = deque()
         self.running: list[Row] = []
+        self._admitted: list[Row] = []  # rows taken from `waiting` for this step's prefill, until merged
         self._cache: Any = None       # DynamicCache of the running rows, (rows, heads, width, head_dim) per layer
         self._mask: Tensor | None = None  # (rows, width): 1 where the cache holds a real token, padding on the left
         self._routing: tuple[tuple | None, Any] | None = None  # (adapter names, the open `using` context)
@@ -172,11 +173,11 @@ class Engine:
     def abort(self, message: str) -> list[Row]:
         """Finish every row with an error (after a failed step) and start afresh."""
         self.release()
-        rows = [*self.running, *self.waiting]
+        rows = list(dict.fromkeys([*self._admitted, *self.running, *self.waiting]))
         for row in rows:
             self._finish(row, ERROR)
             row.error = message
-        self.running, self.waiting, self._cache, self._mask = [], deque(), None, None
+        self.running, self.waiting, self._admitted, self._cache, self._mask = [], deque(), [], None, None
         return rows
 
     # --- one step -------------------------------------------------------------------------------------
@@ -187,10 +188,11 @@ class Engine:
         Returns the rows that changed: a new token, or finished (cancelled rows included).
         """
         changed = self._drop_cancelled()
-        new = self._admit()
+        new = self._admitted = self._admit()
         try:
             if new:
                 changed += self._prefill(new)
+            self._admitted = []
             if self.running:
                 changed += self._decode()
         finally:

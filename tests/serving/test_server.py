@@ -361,3 +361,19 @@ def test_a_server_without_folders_loads_nothing_at_run_time(make, disk):
     client, _ = make(adapters=(), adapter_root=None)
     err = error_of(client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(disk["a"])}), 400)
     assert "loads adapters from no folder (start it with --adapter-root DIR to allow one)" in err["message"]
+
+
+def test_a_failed_step_is_a_500_and_the_next_request_is_served(make, oracle):
+    client, server = make()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    server.model.forward = boom
+    try:
+        err = error_of(chat(client, "a"), 500)
+    finally:
+        del server.model.forward
+    assert err["type"] == "server_error" and err["message"] == "generation failed: RuntimeError: out of memory"
+    assert chat(client, "a").json()["choices"][0]["message"]["content"] == oracle.text("a", CHAT, 6)
+    assert 'lorakit_requests_total{finish_reason="error"} 1.0' in client.get("/metrics").text
