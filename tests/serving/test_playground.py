@@ -18,7 +18,8 @@ import pytest
 
 from .conftest import lorakit_serve, serve_in_thread
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+CHROMIUM = os.environ.get("LORAKIT_CHROMIUM", "/usr/bin/chromium")          # Debian's packages by default
+CHROMEDRIVER = os.environ.get("LORAKIT_CHROMEDRIVER", "/usr/bin/chromedriver")
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "playground.png"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", "--window-size=1400,900"]
