@@ -334,7 +334,7 @@ def test_playground_page_is_served(make):
     assert "/v1/chat/completions" in r.text and "tok/s" in r.text
 
 
-def test_cli_lora_modules_accepts_vllm_forms_and_names_bad_ones(disk):
+def test_cli_lora_modules_accepts_vllm_forms_and_names_bad_ones(disk, capsys):
     from lorakit.cli import main
     from lorakit.cli.serve import lora_modules
 
@@ -343,6 +343,12 @@ def test_cli_lora_modules_accepts_vllm_forms_and_names_bad_ones(disk):
     with pytest.raises(ValueError, match="the JSON form needs string fields 'name' and 'path'"):
         lora_modules(['{"name": "y"}'])
     assert main(["serve", "--model", str(disk["base"]), "--lora-modules", f"a={disk['tmp'] / 'missing'}"]) == 2
+    assert "adapter directory" in capsys.readouterr().err
+    for flag, value, message in (("--max-loras", "0", "--max-loras must be at least 1, got 0"),
+                                 ("--max-batch-size", "-1", "--max-batch-size must be at least 1, got -1"),
+                                 ("--max-model-len", "1", "--max-model-len must be at least 2, got 1")):
+        assert main(["serve", "--model", str(disk["base"]), flag, value]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_cli_refuses_a_damaged_adapter_at_start(disk, capsys, tmp_path):

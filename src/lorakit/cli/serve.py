@@ -45,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
     from ..serving.app import create_app
     from ..serving.server import Server
 
+    for flag, value in (("--max-loras", args.max_loras), ("--max-batch-size", args.max_batch_size),
+                        ("--max-model-len", args.max_model_len)):
+        if value is not None and value < (2 if flag == "--max-model-len" else 1):
+            raise ValueError(f"{flag} must be at least {2 if flag == '--max-model-len' else 1}, got {value}")
     adapters = lora_modules([*(args.lora_modules or []), *(args.adapter or [])])
     first = None
     if adapters and not args.model:
