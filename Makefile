@@ -30,6 +30,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/mixed_batch.py
 	$(PY) benchmarks/housekeeping.py
+	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/batch_generate.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -11,7 +11,8 @@ from tiny import make_adapter
 from transformers import AutoModelForCausalLM
 
 from lorakit.cli import main
-from lorakit.generation import Sampling, generate
+from lorakit.generation import generate
+from lorakit.sampling import Sampling
 from lorakit.models import load_tokenizer
 
 

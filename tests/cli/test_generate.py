@@ -30,7 +30,8 @@ def test_batch_file_routes_rows_to_their_adapters(base_dir, tmp_path):
     assert [g["adapter"] for g in got] == ["a", "b", None, "a"]
 
     # oracle: each row alone, with only its adapter (or none)
-    from lorakit.generation import Sampling, generate
+    from lorakit.generation import generate
+    from lorakit.sampling import Sampling
     from lorakit.models import load_tokenizer
 
     tok = load_tokenizer(str(base_dir))

@@ -147,13 +147,13 @@ def test_readme_commands_all_run(models, workdir, monkeypatch, capsys):
 
 
 @pytest.mark.slow  # starts a server process (~30 s on a busy 2-core machine)
-def test_readme_serving_example_runs(workdir):
+def test_readme_serving_example_runs(workdir, models):
     lines = [line for line in commands(README) if line.startswith(("lorakit serve", "curl "))]
     assert lines and lines[0].startswith("lorakit serve")
-    serve_and_call(lines, workdir)
+    serve_and_call(lines, workdir, models)
 
 
-def serve_and_call(lines: list[str], cwd: Path) -> None:
+def serve_and_call(lines: list[str], cwd: Path, models: dict[str, str]) -> None:
     """`lorakit serve` as a process, then the README's curl lines against it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -161,7 +161,14 @@ def serve_and_call(lines: list[str], cwd: Path) -> None:
     serve = [line for line in lines if line.startswith("lorakit serve")]
     assert len(serve) == 1, serve
     argv = [a for a in shlex.split(serve[0])[1:]]
-    argv[argv.index("--port") + 1] = str(port)
+    if "--port" in argv:
+        argv[argv.index("--port") + 1] = str(port)
+    else:
+        argv += ["--port", str(port)]
+    if "--model" not in argv:  # the embedded default, played by the tiny Llama the adapters were made for
+        argv += ["--model", models["smollm2-135m-instruct"]]
+    if "--adapter-root" in argv:
+        (cwd / argv[argv.index("--adapter-root") + 1]).mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(Path(lorakit.__file__).parents[1])}
     server = subprocess.Popen([sys.executable, "-m", "lorakit", *argv], cwd=cwd, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -169,6 +176,7 @@ def serve_and_call(lines: list[str], cwd: Path) -> None:
         wait_until_up(server, port)
         for line in lines:
             if line.startswith("curl "):
+                line = re.sub(r'"max_tokens": \d+', '"max_tokens": 8', line)  # the tiny model's context is 64
                 curl = shlex.split(line.replace("localhost:8000", f"127.0.0.1:{port}"))
                 done = subprocess.run(curl + ["--silent", "--show-error", "--max-time", "120"], capture_output=True,
                                       text=True, check=True)

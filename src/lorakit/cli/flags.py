@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from ..config import parse_targets
-from ..generation import Sampling
+from ..sampling import Sampling
 
 __all__ = ["HelpFormatter", "InferenceSettings", "add_config_flags", "add_flag", "add_inference_flags",
            "field_docs", "parse_targets", "read_config", "settle", "settle_inference"]
