@@ -38,6 +38,8 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/housekeeping.py
 	$(PY) benchmarks/bf16_matmul.py
 	$(PY) benchmarks/sft_e2e.py
+	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/batch_generate.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

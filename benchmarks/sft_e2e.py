@@ -74,7 +74,7 @@ def lorakit_cmd(args: argparse.Namespace, data: Path, out: Path, precision: str)
             "--output-dir", str(out), "--lora-rank", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"]),
             "--lora-dropout", str(LORA["dropout"]), "--target-modules", "all-linear",
             "--learning-rate", str(args.lr), "--lr-scheduler", "linear",
-            "--warmup-ratio", repr(min(WARMUP_STEPS, args.steps - 1) / args.steps),
+            "--warmup-steps", str(min(WARMUP_STEPS, args.steps - 1)),
             "--batch-size", str(args.batch_size), "--max-steps", str(args.steps), "--max-length", str(args.max_length),
             "--seed", "0", "--logging-steps", "1", "--gradient-checkpointing", "false", "--precision", precision]
 

@@ -12,6 +12,7 @@ PEFT and full fine-tuning through torch.optim.AdamW with its defaults.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -62,11 +63,20 @@ def copy_init(peft_model, lk_model) -> None:
                 p.copy_(src[f"base_model.model.{mod}.{tail.replace('.weight', '.default.weight')}"])
 
 
-def step_fn(model, opt, ids, losses: list[float]):
+def step_fn(model, opt, ids, losses: list[float], side: str):
+    """One optimizer step; lorakit's forward + backward run inside `lorakit.shared_dropout`, as its trainer's do."""
+    if side == "lorakit":
+        import lorakit
+
+        context = lambda: lorakit.shared_dropout(model)  # noqa: E731
+    else:
+        context = contextlib.nullcontext
+
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        with context():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
         opt.step()
         losses.append(loss.item())
     return step
@@ -84,7 +94,7 @@ def child_main(argv: list[str]) -> None:
     ids = batch(quick)
     before = C.peak_memory_mb()
     losses: list[float] = []
-    step = step_fn(model, opt, ids, losses)
+    step = step_fn(model, opt, ids, losses, side)
     for _ in range(3):
         step()
     print(json.dumps({"side": side, "dropout": dropout, "rss_before_mb": before, "peak_mb": C.peak_memory_mb()}))
@@ -110,7 +120,7 @@ def main() -> None:
     fns = {}
     for key, (model, opt) in sides.items():
         losses[key] = []
-        fns[key] = step_fn(model, opt, ids, losses[key])
+        fns[key] = step_fn(model, opt, ids, losses[key], key[0])
 
     def forward():
         with torch.no_grad():

@@ -35,12 +35,6 @@ def minilm():
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A tiny Llama saved as a local model folder with the byte tokenizer (for the commands)."""
-    from tiny import byte_tokenizer, tiny_llama
+    from tiny import save_model_folder
 
-    d = tmp_path_factory.mktemp("base")
-    tok = byte_tokenizer()
-    model = tiny_llama(vocab=len(tok), hidden=32)
-    torch.nn.init.normal_(model.lm_head.weight, std=1.0)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_model_folder(tmp_path_factory.mktemp("base"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -10,8 +9,6 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 import lorakit
 from lorakit.analysis import analyze, meta_model
-from lorakit.cli.flags import parse_targets
-from lorakit.cli import main
 
 # Tiny Llama: h=64, 4 heads × 16, 2 kv heads (k/v: 32 × 64), MLP 160, 2 layers, vocab 100.
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -156,34 +153,3 @@ def test_errors(tiny):
         analyze(tiny, lorakit.LoraConfig(target_modules=["q_prj"]))
     with pytest.raises(ValueError, match="input_layernorm.*LlamaRMSNorm.*nn.Linear"):
         analyze(tiny, lorakit.LoraConfig(target_modules=r".*\.input_layernorm"))
-
-
-def test_parse_targets():
-    assert parse_targets(["q_proj,v_proj"]) == ["q_proj", "v_proj"]
-    assert parse_targets(["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
-    assert parse_targets(["all-linear"]) == "all-linear"
-    assert parse_targets([r".*\.(q|v)_proj"]) == r".*\.(q|v)_proj"
-
-
-def test_cli_json_and_plot(tiny_dir, tmp_path, capsys):
-    png = tmp_path / "plots" / "r.png"
-    assert main(["analyze", "--model", str(tiny_dir), "--lora_rank", "8", "--target-modules", "q_proj,v_proj",
-                 "--json", "--plot", str(png)]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["trainable_params"] == 3584 and out["base_params"] == TINY_BASE and out["modules"] == 4
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [p.name for p in png.parent.iterdir()] == ["r.png"]  # no temp file left behind
-
-
-def test_cli_table(tiny_dir, capsys):
-    assert main(["analyze", "--model", str(tiny_dir), "--lora-rank", "8", "--target-modules", "q_proj", "v_proj"]) == 0
-    out = capsys.readouterr().out
-    assert "q_proj" in out and "64×64" in out and "2,048" in out and "total" in out
-    assert "MiB" in out and "assumptions" in out and "trainable 3,584" in out
-
-
-def test_cli_help_and_missing_model(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["analyze", "--help"])
-    assert e.value.code == 0 and "--target-modules" in capsys.readouterr().out
-    assert main(["analyze", "--model", str(tmp_path / "nothing-here" / "config.json")]) == 2

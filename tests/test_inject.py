@@ -1,4 +1,4 @@
-"""inject: which modules a config targets (the same set as PEFT), per-module r/alpha, modules_to_save, errors."""
+"""inject: which modules a config targets (the same set as PEFT), per-module r/alpha, bias modes, errors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import lorakit
-from lorakit import LoraConfig, LoraLinear, ModulesToSave
+from lorakit import LoraConfig, LoraLinear
 from lorakit.inject import find_targets
 from lorakit.state import lora_layers, require_state
 from tiny import ids, randomize_lora, tiny_gpt2, tiny_llama, tiny_t5, toy_transformer
@@ -170,22 +170,6 @@ def test_hand_written_transformer_trains_only_the_adapter():
 
 
 # --- modules_to_save ---------------------------------------------------------------------------------
-def test_modules_to_save_trains_a_copy_and_leaves_the_original():
-    model = toy_transformer()
-    base = copy.deepcopy(model)
-    lorakit.inject(model, LoraConfig(r=2, target_modules=["q"], modules_to_save=["head"]))
-    assert isinstance(model.head, ModulesToSave)
-    copy_ = model.head.modules_to_save["default"]
-    assert all(p.requires_grad for p in copy_.parameters())
-    assert not any(p.requires_grad for p in model.head.original_module.parameters())
-    with torch.no_grad():
-        copy_.weight.add_(1.0)
-    x = ids(2, 4)
-    assert (model(x) - base(x)).abs().max() > 0.5                      # the copy is used
-    assert torch.equal(model.head.original_module.weight, base.head.weight)
-    with lorakit.disabled(model):
-        assert_close(model(x), base(x), rtol=0, atol=0)               # disabling restores the original
-    assert (model(x) - base(x)).abs().max() > 0.5                      # and leaving restores the copy
 
 
 def test_modules_to_save_is_never_a_lora_target():
@@ -193,15 +177,29 @@ def test_modules_to_save_is_never_a_lora_target():
     assert "head" not in targets
 
 
-def test_modules_to_save_trainable_names_match_peft():
-    model = lorakit.inject(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["ln_f", "wpe"]))
-    peft_model = get_peft_model(tiny_gpt2(), peft_config(r=2, target_modules=["c_attn"], modules_to_save=["ln_f", "wpe"]))
-    ours = {n for n, p in model.named_parameters() if p.requires_grad and ".modules_to_save." in n}
-    theirs = {n.removeprefix("base_model.model.") for n, p in peft_model.named_parameters()
-              if p.requires_grad and ".modules_to_save." in n}
-    assert ours == theirs == {"transformer.ln_f.modules_to_save.default.weight",
-                              "transformer.ln_f.modules_to_save.default.bias",
-                              "transformer.wpe.modules_to_save.default.weight"}
+# --- bias modes: the same trainable parameters as PEFT -------------------------------------------
+def _peft_names(names: set[str]) -> set[str]:
+    """lorakit parameter names written the way PEFT names the same tensors."""
+    out = set()
+    for n in names:
+        for t in ("lora_A", "lora_B"):
+            n = n.replace(f".adapters.default.{t}.weight", f".{t}.default.weight")
+        out.add("base_model.model." + n)
+    return out
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
+def test_bias_modes_train_what_peft_trains(bias):
+    model, peft_model = tiny_gpt2(), tiny_gpt2()
+    cfg = dict(r=2, target_modules=["c_attn", "c_fc"], modules_to_save=["ln_f"], bias=bias)
+    lorakit.inject(model, LoraConfig(alpha=2, **cfg))
+    peft_model = get_peft_model(peft_model, PeftLoraConfig(lora_alpha=2, **cfg))
+    ours = _peft_names({n for n, p in model.named_parameters() if p.requires_grad})
+    theirs = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert ours == theirs
+    assert any(n.endswith("c_attn.base_layer.bias") for n in ours) == (bias != "none")
+    assert any(n.endswith("ln_1.bias") for n in ours) == (bias == "all")
+    assert lorakit.count_parameters(model) == peft_model.get_nb_trainable_parameters()
 
 
 # --- errors ------------------------------------------------------------------------------------------
@@ -248,17 +246,3 @@ def test_trained_adapter_on_gpt2_matches_peft_forward():
                 module.lora_B["default"].weight.copy_(layers[name].adapters["default"].lora_B.weight)
     x = ids()
     assert_close(model(x).logits, peft_model(input_ids=x).logits, atol=1e-5, rtol=1e-5)
-
-
-def test_wrapper_walk_finds_what_named_modules_finds_in_the_same_order():
-    """lora_layers / wrapped_modules skip the inside of LoRA layers; the result must not change."""
-    from lorakit.state import wrapped_modules
-
-    model = tiny_llama()
-    lorakit.inject(model, LoraConfig(r=2, target_modules="all-linear", modules_to_save=["lm_head"]))
-    lorakit.inject(model, LoraConfig(r=3, target_modules=["q_proj"]), name="second")
-    want = [(n, m) for n, m in model.named_modules() if isinstance(m, (lorakit.LoraLayer, ModulesToSave))]
-    got = wrapped_modules(model)
-    assert [(n, m) for n, _, _, m in got] == want
-    assert all(getattr(parent, key) is m for _, parent, key, m in got)
-    assert lora_layers(model) == [(n, m) for n, m in want if isinstance(m, lorakit.LoraLayer)]

@@ -10,7 +10,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
-from lorakit.cli import main
 from lorakit.inspection import compress_adapter, effective_rank, inspect_adapter, low_rank_svd
 
 CFG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -202,23 +201,3 @@ def test_read_errors_name_the_file(tmp_path, base, base_dir):
     (tmp_path / "ad" / "adapter_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="adapter_config.json not found"):
         inspect_adapter(tmp_path / "ad")
-
-
-def test_cli_inspect_and_compress(tmp_path, base, base_dir, capsys):
-    _save(base, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), tmp_path / "ad", _random)
-    png = tmp_path / "heat.png"
-    assert main(["inspect", str(tmp_path / "ad"), "--model", str(base_dir), "--top", "3", "--plot", str(png)]) == 0
-    out = capsys.readouterr().out
-    assert "top 3 by ||ΔW|| / ||W0||" in out and "q_proj" in out and "rank90" in out
-    assert png.read_bytes()[:4] == b"\x89PNG"
-    assert main(["inspect", str(tmp_path / "ad"), "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert len(rows) == 4 and rows[0]["relative"] is None and len(rows[0]["singular_values"]) == 4
-    assert main(["compress", str(tmp_path / "ad"), "--rank", "2", "--output_dir", str(tmp_path / "c")]) == 0
-    assert "total relative error" in capsys.readouterr().out
-    assert main(["compress", str(tmp_path / "ad"), "--rank", "2", "--output-dir", str(tmp_path / "c")]) == 2
-    assert "not empty" in capsys.readouterr().err
-    for cmd in ("inspect", "compress"):
-        with pytest.raises(SystemExit) as e:
-            main([cmd, "--help"])
-        assert e.value.code == 0 and "DIR" in capsys.readouterr().out

@@ -23,6 +23,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 import lorakit  # noqa: E402
 from lorakit import LoraConfig, LoraLinear, qlora  # noqa: E402
+from lorakit.bases import is_4bit  # noqa: E402
 from lorakit.state import lora_layers  # noqa: E402
 from tiny import ids, tiny_llama  # noqa: E402
 
@@ -74,7 +75,7 @@ def pair(checkpoint, use_dora=False, std=0.03):
 def quantized_weights(model) -> dict[str, torch.Tensor]:
     """Dequantized float32 weight of every Linear4bit, by module path without the LoRA wrapping."""
     return {name.replace("base_model.model.", "").replace(".base_layer", ""): qlora.dequantized_weight(m)
-            for name, m in model.named_modules() if qlora.is_4bit(m)}
+            for name, m in model.named_modules() if is_4bit(m)}
 
 
 # --- set-up --------------------------------------------------------------------------------------------
@@ -90,7 +91,7 @@ def test_inject_wraps_every_linear4bit_and_counts_as_peft(checkpoint, capsys):
     assert len(wrapped) == 7 * 2                                         # q k v o gate up down, 2 blocks
     assert all(isinstance(layer, LoraLinear) and isinstance(layer.base_layer, bnb.nn.Linear4bit)
                for layer in wrapped.values())
-    assert not qlora.is_4bit(model.lm_head)                              # the head stays float, untargeted
+    assert not is_4bit(model.lm_head)                              # the head stays float, untargeted
     assert not any(layer.base_layer.support_avx512bf16_for_cpu for layer in wrapped.values())
     theirs = get_peft_model(load_4bit(checkpoint), PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     lorakit.print_trainable_parameters(model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.resources
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -163,6 +164,23 @@ def randomize_lora(model: nn.Module, name: str = "default", seed: int = 0, std: 
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
+def randomize_adapters(model: nn.Module, std: float = 0.2, seed: int = 3) -> None:
+    """Give every adapter of every LoRA layer non-zero B (and fresh A), so the branches do something."""
+    from lorakit.state import lora_layers
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for ad in layer.adapters.values():
+                for t in (ad.lora_A.weight, ad.lora_B.weight):
+                    t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype) * std)
+
+
+def wrap(**modules: nn.Module) -> nn.Sequential:
+    """A model whose only children are the given modules, by name."""
+    return nn.Sequential(OrderedDict(modules))
+
+
 def ids(batch: int = 2, seq: int = 6, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, seq), generator=gen)
@@ -224,11 +242,19 @@ def write_chat(path, n=24, seed=0):
     return str(path)
 
 
-def tiny_model(tok):
+def tiny_model(tok, hidden: int = 32):
     """A tiny Llama over the byte tokenizer's vocabulary."""
-    model = tiny_llama(vocab=len(tok), hidden=32)
+    model = tiny_llama(vocab=len(tok), hidden=hidden)
     torch.nn.init.normal_(model.lm_head.weight, std=1.0)  # a head strong enough for LoRA to move the outputs
     return model
+
+
+def save_model_folder(path, hidden: int = 32):
+    """`tiny_model` and the byte tokenizer saved as a local model folder, as the commands load one."""
+    tok = byte_tokenizer()
+    tiny_model(tok, hidden).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 
 def make(tmp_path, tok, **kw):

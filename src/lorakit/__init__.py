@@ -16,12 +16,15 @@ from .adapters import (
     print_trainable_parameters,
     set_adapter,
     using,
+    shared_dropout,
 )
 from .adalora import AdaLoraConfig
 from .config import LoraConfig
 from .inject import find_targets, inject, set_trainable
 from .io import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
-from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .layers import LoraConv, LoraEmbedding, LoraLayer
+from .linear import LoraLinear
+from .modules_to_save import ModulesToSave
 from .merge import combine, merge, merge_and_unload, unmerge
 
 __version__ = "0.1.0"
@@ -42,7 +45,7 @@ __all__ = [
     "LoraConfig", "AdaLoraConfig", "inject", "find_targets", "set_trainable",
     "count_parameters", "print_trainable_parameters",
     "save_adapter", "load_adapter", "read_adapter_config", "adapter_state_dict",
-    "set_adapter", "adapter_names", "active_adapters", "delete_adapter", "disabled", "per_row", "using",
+    "set_adapter", "adapter_names", "active_adapters", "delete_adapter", "disabled", "per_row", "using", "shared_dropout",
     "merge", "unmerge", "merge_and_unload", "combine",
     "TrainConfig", "Trainer", "train",
     "LoraLayer", "LoraLinear", "LoraEmbedding", "LoraConv", "ModulesToSave",

@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .bases import is_conv1d, linear_shape
 from .config import LoraConfig
-from .layers import Conv1D, LoraLayer
+from .layers import Adapter, LoraLayer
 from .state import LoraState, get_state, lora_layers, require_state
 
 PEFT_TYPE = "ADALORA"
@@ -148,21 +149,15 @@ def training_config(lora: LoraConfig, total_step: int) -> AdaLoraConfig:
 
 
 # --- the layer ---------------------------------------------------------------------------------------
-class SVDAdapter(nn.Module):
+class SVDAdapter(Adapter):
     """One AdaLoRA adapter of one layer: P Λ Q as three parameters named as in PEFT's files."""
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, init_r: int, dropout: float) -> None:
-        super().__init__()
-        self.r, self.alpha, self.dropout = r, alpha, dropout
-        self.scaling = alpha                                             # PEFT: lora_alpha; divided by ranknum
+        super().__init__(r, alpha, alpha, dropout)                      # scaling: PEFT's lora_alpha, / ranknum
         self.lora_A = nn.Parameter(torch.empty(r, in_features))         # Q: right singular vectors (r, k)
         self.lora_E = nn.Parameter(torch.empty(r, 1))                   # Λ: singular values (r, 1)
         self.lora_B = nn.Parameter(torch.empty(out_features, r))        # P: left singular vectors (d, r)
         self.register_buffer("ranknum", torch.tensor([float(init_r)]), persistent=False)  # not in files, as PEFT
-
-    def factors(self) -> tuple[Tensor, Tensor]:
-        """(A, B) with ΔW = scale · B @ A: (Λ ⊙ Q, P)."""
-        return self.lora_A * self.lora_E, self.lora_B
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, ranknum={self.ranknum.item():g}, dropout={self.dropout}"
@@ -171,24 +166,16 @@ class SVDAdapter(nn.Module):
 class SVDLinear(LoraLayer):
     """AdaLoRA around nn.Linear or transformers' Conv1D (weight (in, out))."""
 
-    def __init__(self, base_layer: nn.Module, state: LoraState) -> None:
-        super().__init__(base_layer, state)
-        self.fan_in_fan_out = bool(Conv1D) and isinstance(base_layer, Conv1D)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-
-    @classmethod
-    def wrap(cls, module: nn.Module, state: LoraState, name: str) -> SVDLinear:
-        if type(module) is not nn.Linear and not (Conv1D and isinstance(module, Conv1D)):
-            raise TypeError(f"module {name!r} is a {type(module).__name__}; AdaLoRA supports nn.Linear and "
+    def __init__(self, base_layer: nn.Module, state: LoraState, name: str = "") -> None:
+        if type(base_layer) is not nn.Linear and not is_conv1d(base_layer):
+            raise TypeError(f"module {name!r} is a {type(base_layer).__name__}; AdaLoRA supports nn.Linear and "
                             f"transformers' Conv1D. Narrow target_modules so it matches only those")
-        layer = cls(module, state)
-        object.__setattr__(layer, "_lorakit_name", name)
-        return layer
+        super().__init__(base_layer, state, name)
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(base_layer)
 
-    def add_adapter(self, name: str, r: int, alpha: float, config: LoraConfig) -> SVDAdapter:
+    def add_adapter(self, name: str, r: int, alpha: float, config: LoraConfig,
+                    kind: type[Adapter] = SVDAdapter) -> SVDAdapter:
+        """Add AdaLoRA adapter `name`: always an SVDAdapter (`kind`, LoRA's choice, does not apply)."""
         if not isinstance(config, AdaLoraConfig):
             raise ValueError(f"{self._debug_name()} holds AdaLoRA adapters; a LoRA adapter cannot share its layer. "
                              f"Delete them or exclude the module with exclude_modules")
@@ -213,15 +200,12 @@ class SVDLinear(LoraLayer):
         delta = delta.t() if self.fan_in_fan_out else delta
         return delta * ad.scaling / (ad.ranknum.float() + 1e-5)
 
-    def _lora_forward(self, x: Tensor, names: list[str], *args, _delta_only: bool = False, **kwargs) -> Tensor:
-        out = None if _delta_only else self.base_layer(x)
-        for name in names:
-            ad = self.adapters[name]
-            xa = x.to(ad.lora_A.dtype)
-            xd = F.dropout(xa, ad.dropout, True) if self.training and ad.dropout > 0 else xa
-            term = (xd @ (ad.lora_A * ad.lora_E).T @ ad.lora_B.T) * ad.scaling / (ad.ranknum + 1e-5)  # (..., d)
-            out = term if out is None else out + term.to(out.dtype)
-        return out
+    def lora_input(self, ad: SVDAdapter, x: Tensor) -> Tensor:
+        x = x.to(ad.lora_A.dtype)
+        return F.dropout(x, ad.dropout, True) if self.training and ad.dropout > 0 else x
+
+    def branch(self, ad: SVDAdapter, xd: Tensor) -> Tensor:
+        return (xd @ (ad.lora_A * ad.lora_E).T @ ad.lora_B.T) * ad.scaling / (ad.ranknum + 1e-5)  # (..., d)
 
 
 def wrap_svd_layer(module: nn.Module, state: LoraState, name: str) -> SVDLinear:
@@ -231,7 +215,7 @@ def wrap_svd_layer(module: nn.Module, state: LoraState, name: str) -> SVDLinear:
     if isinstance(module, LoraLayer):
         raise ValueError(f"module {name!r} already holds LoRA adapters; an AdaLoRA adapter cannot share its layer. "
                          f"Delete those adapters or exclude the module with exclude_modules")
-    return SVDLinear.wrap(module, state, name)
+    return SVDLinear(module, state, name)
 
 
 def svd_adapters(model: nn.Module, name: str = "default") -> list[tuple[str, SVDAdapter]]:

@@ -1,4 +1,4 @@
-"""Many adapters on one base: list, switch, disable, delete, route per row; parameter counts."""
+"""Many adapters on one base: list, switch, disable, delete, route per row, share dropout; parameter counts."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .state import get_state, lora_layers, require_state
-from .layers import ModulesToSave
+from .dropout import DropoutDraws
 from .merge import merge, unmerge
+from .modules_to_save import ModulesToSave
 from .routing import Routing
+from .state import get_state, lora_layers, require_state, wrapped_modules
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -71,6 +72,8 @@ def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module
 
     Works for a plain forward and for `model.generate` (the batch keeps its rows while decoding;
     beam search repeats each row, and the routing follows). Inference only, unmerged only.
+    Entering builds everything the layers need (index tensors, each linear's per-row factors:
+    `routing.Routing`); forward only reads it, so change adapter weights outside the block.
     """
     names = list(names)
     if not names:
@@ -83,7 +86,7 @@ def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module
     if model.training and any(p.requires_grad for p in model.parameters()):
         raise ValueError("per_row is for inference: call model.eval() first (mixed-adapter batches are not "
                          "supported in training mode)")
-    previous, state.routing = state.routing, Routing(names)
+    previous, state.routing = state.routing, Routing(names, [m for _, _, _, m in wrapped_modules(model)])
     try:
         yield model
     finally:
@@ -124,6 +127,31 @@ def using(model: nn.Module, rows: Sequence[str | None] | str | None) -> Iterator
         yield model
     finally:
         state.active = previous
+
+
+@contextmanager
+def shared_dropout(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, LoRA branches that read the same input tensor share one dropout mask per forward.
+
+    q, k and v of an attention block (gate and up of a gated MLP) read the same hidden states;
+    inside this block their LoRA branches take the same draw: each still sees inverted dropout of
+    its input with probability p, but the masked input is built once for all of them, in forward
+    and again in backward (faster; PEFT draws one mask per module). Outside it every layer draws
+    its own mask, as PEFT. Masks stay reproducible either way: a draw is a seed from torch's
+    generator, drawn again in backward and replayed by activation checkpointing.
+
+    Use one block per forward + backward, as the trainer does for each micro-batch::
+
+        with lorakit.shared_dropout(model):
+            model(**batch).loss.backward()
+    """
+    state = require_state(model)
+    previous, state.dropout_draws = state.dropout_draws, DropoutDraws()
+    try:
+        yield model
+    finally:
+        state.dropout_draws.release()
+        state.dropout_draws = previous
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .bases import SUPPORTED, kind, linear_shape
 from .config import LoraConfig
 from .inject import find_targets, is_suffix_match
 
@@ -157,17 +158,16 @@ def load_config(name_or_path: str) -> Any:
 
 def _shape(name: str, module: nn.Module) -> _Target:
     """(d, k) of the weight a LoRA on `module` would update."""
-    weight = getattr(module, "weight", None)
-    if isinstance(module, nn.Embedding):
+    found = kind(module)
+    if found == "embedding":
         return _Target(name, module.embedding_dim, module.num_embeddings, "embedding")
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return _Target(name, weight.shape[0], math.prod(weight.shape[1:]), "conv")
-    if isinstance(module, nn.Linear):
-        return _Target(name, module.out_features, module.in_features, "linear")
-    if type(module).__name__ == "Conv1D" and weight is not None:  # GPT-2: weight (in, out)
-        return _Target(name, weight.shape[1], weight.shape[0], "linear")
-    raise ValueError(f"target module {name!r} is a {type(module).__name__}; LoRA adapts nn.Linear, Conv1D, "
-                     f"nn.Embedding and nn.Conv1d/2d/3d: narrow target_modules")
+    if found == "conv":
+        return _Target(name, module.weight.shape[0], math.prod(module.weight.shape[1:]), "conv")
+    if found == "linear":
+        k, d, _ = linear_shape(module)
+        return _Target(name, d, k, "linear")
+    raise ValueError(f"target module {name!r} is a {type(module).__name__}; LoRA adapts {SUPPORTED}: "
+                     f"narrow target_modules")
 
 
 def _arch(model: nn.Module) -> dict[str, int]:

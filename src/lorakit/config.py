@@ -38,6 +38,21 @@ def _check_targets(name: str, value: Targets) -> Targets:
     raise ValueError(f"{name} must be a list of module-name suffixes, a regex string or None, got {value!r}")
 
 
+def parse_targets(values: list[str] | str) -> list[str] | str:
+    """target_modules as typed on a command line or in YAML, read the same way by every command.
+
+    "all-linear" stays a string; text with regex characters is one regex (full match); anything
+    else is module-name suffixes split on commas and spaces: "q_proj,v_proj", "q_proj v_proj" and
+    ["q_proj", "v_proj"] are the same list.
+    """
+    text = ",".join([values] if isinstance(values, str) else [str(v) for v in values])
+    if text.strip().lower() == "all-linear":
+        return "all-linear"
+    if any(c in text for c in "*[]()|^$\\?+{}"):
+        return text.strip()
+    return [t.strip() for t in text.replace(" ", ",").split(",") if t.strip()]
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     """What to adapt and how. Frozen: a config you were given is never mutated."""

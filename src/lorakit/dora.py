@@ -11,6 +11,11 @@ so a layer never builds W'; it corrects the base output instead (exactly PEFT 0.
 With dropout active, `y0 − b` is recomputed as W0·dropout(x), as PEFT does. Several active
 adapters apply in order, each DoRA term scaling the running output (PEFT's order semantics).
 
+DoRA is an adapter kind, `DoraAdapter`, chosen once when the adapter is added (``use_dora``):
+a layer asks its adapters what they add (`add_to`) and what merging writes (`merged_weight`),
+and never checks which kind it holds. Being not ``additive``, a DoRA adapter takes the layer's
+formula path, never the fused or batched kernels.
+
 The magnitude is the adapter's parameter ``lora_magnitude_vector``, so PEFT's key table covers
 it: shape (out,) for nn.Linear and GPT-2's Conv1D, (embedding_dim,) for nn.Embedding,
 (1, out, 1, 1) for Conv2d ((1, out, 1) Conv1d, ...). It starts as ‖W0 + s·B·A‖_c, so the model's
@@ -26,14 +31,59 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers import Adapter
+
 if TYPE_CHECKING:
-    from .layers import Adapter, LoraLayer
+    from .layers import LoraLayer
 
-MAGNITUDE = "lora_magnitude_vector"
+class DoraAdapter(Adapter):
+    """A DoRA adapter: LoRA's A and B plus `lora_magnitude_vector`, a learned magnitude per output feature."""
 
+    additive = False
 
-def is_dora(adapter: nn.Module) -> bool:
-    return MAGNITUDE in adapter._parameters
+    def initialise(self, layer: LoraLayer, name: str, init: str) -> None:
+        """Always initialised (even inside `uninitialised()`): the magnitude starts as ‖W0 + s·B·A‖_c,
+        so the model's output is unchanged at step 0."""
+        layer.reset_adapter(name, init)
+        ref = next(self.parameters())
+        norm = weight_norm(layer, name, layer.base_weight())
+        self.lora_magnitude_vector = nn.Parameter(norm.to(device=ref.device, dtype=ref.dtype))
+
+    def add_to(self, layer: LoraLayer, name: str, x: Tensor, base_out: Tensor, added: Tensor | int) -> Tensor:
+        """added + (f − 1)⊙(y0 + added − b) + f⊙s·B·A·xd (the diagram above), f = m / ‖W0 + s·B·A‖_c."""
+        if _is_embedding(layer):
+            lora = layer.branch(self, x)                                   # (..., dim)
+            scale = _scale(layer, name, layer.base_weight())               # (dim,)
+            return added + (scale - 1) * (base_out + added) + scale * lora  # = f·(running + lora) − running
+        xd = layer.lora_input(self, x)
+        lora = layer.branch(self, xd)
+        weight = layer.base_weight()
+        scale = _scale(layer, name, weight)                                # (out,) or (1, out, 1, ...)
+        if layer.training and self.dropout > 0:                           # W0·dropout(x), no bias, as PEFT
+            w = weight.to(xd.dtype)
+            base = layer.base_layer
+            base_term = base._conv_forward(xd, w, None) if _is_conv(layer) else \
+                F.linear(xd, w.t() if layer.fan_in_fan_out else w)
+        else:
+            base_term = base_out + added
+            bias = getattr(layer.base_layer, "bias", None)
+            if bias is not None:
+                base_term = base_term - (bias.view(1, -1, *([1] * (x.dim() - 2))) if _is_conv(layer) else bias)
+        return added + (scale - 1) * base_term + scale * lora
+
+    def merged_weight(self, layer: LoraLayer, name: str, weight: Tensor) -> Tensor:
+        """f ⊙ (W + s·B·A) for the current float32 weight W; f uses the norm of the unmerged base."""
+        delta = layer.delta_weight(name)
+        norm = weight_norm(layer, name, _unmerged_base(layer, weight))
+        self._merged_norm = norm                                           # unmerge needs this exact value
+        scale = _on_weight(self.lora_magnitude_vector.detach().float() / norm.float(), layer, weight.dim())
+        return scale * (weight + delta)
+
+    def unmerged_weight(self, layer: LoraLayer, name: str, weight: Tensor) -> Tensor:
+        """Invert `merged_weight`: W = W' / f − s·B·A, with the norm kept at merge time."""
+        scale = _on_weight(self.lora_magnitude_vector.detach().float() / self._merged_norm.float(), layer,
+                           weight.dim())
+        return weight / scale - layer.delta_weight(name)
 
 
 # --- where the magnitude sits ------------------------------------------------------------------------
@@ -72,109 +122,14 @@ def weight_norm(layer: LoraLayer, name: str, weight: Tensor) -> Tensor:
     return norm
 
 
-def add_magnitude(layer: LoraLayer, name: str) -> None:
-    """Give adapter `name` its magnitude, initialised to ‖W0 + s·B·A‖_c (no change at step 0)."""
-    adapter = layer.adapters[name]
-    ref = next(adapter.parameters())
-    norm = weight_norm(layer, name, layer.base_weight())
-    adapter.lora_magnitude_vector = nn.Parameter(norm.to(device=ref.device, dtype=ref.dtype))
-
-
 def _scale(layer: LoraLayer, name: str, weight: Tensor) -> Tensor:
     """f = m / ‖W0 + s·B·A‖_c; gradient flows to m only."""
-    adapter = layer.adapters[name]
-    m = adapter.lora_magnitude_vector
+    m = layer.adapters[name].lora_magnitude_vector
     return m / weight_norm(layer, name, weight).to(m.dtype)
-
-
-# --- forward -----------------------------------------------------------------------------------------
-def forward(layer: LoraLayer, x: Tensor, names: list[str], delta_only: bool = False) -> Tensor:
-    """The layer's output with adapters `names` (some of them DoRA) applied in order.
-
-    delta_only=True returns only what the adapters add to base(x) (for per-row routing).
-    """
-    if _is_embedding(layer):
-        return _embedding_forward(layer, x, names, delta_only)
-    return _linear_or_conv_forward(layer, x, names, delta_only)
-
-
-def _linear_or_conv_forward(layer: LoraLayer, x: Tensor, names: list[str], delta_only: bool) -> Tensor:
-    base = layer.base_layer
-    conv = _is_conv(layer)
-    bias = getattr(base, "bias", None)
-    result = None if delta_only else base(x)                           # (..., out) or (b, out, *spatial)
-    added: Tensor | int = 0                                            # what the adapters have added so far
-    weight = None
-    for name in names:
-        adapter = layer.adapters[name]
-        xa = x.to(adapter.lora_A.weight.dtype)
-        dropped = layer.training and adapter.dropout > 0
-        xd = F.dropout(xa, adapter.dropout, True) if dropped else xa
-        lora = adapter.lora_B(adapter.lora_A(xd)) * adapter.scaling
-        if not is_dora(adapter):
-            added = added + lora
-            continue
-        weight = layer.base_weight() if weight is None else weight
-        scale = _scale(layer, name, weight)                            # (out,) or (1, out, 1, ...)
-        if dropped or result is None:
-            w = weight.to(xd.dtype)
-            plain = base._conv_forward(xd, w, None) if conv else F.linear(xd, w.t() if layer.fan_in_fan_out else w)
-            base_term = plain if dropped else plain + added            # W0·x (+ earlier adapters), no bias
-        else:
-            base_term = result + added
-            if bias is not None:
-                base_term = base_term - (bias.view(1, -1, *([1] * (x.dim() - 2))) if conv else bias)
-        added = added + (scale - 1) * base_term + scale * lora
-    if delta_only:
-        return added
-    return (result + added).to(result.dtype)
-
-
-def _embedding_forward(layer: LoraLayer, x: Tensor, names: list[str], delta_only: bool) -> Tensor:
-    base = layer.base_layer
-    result = base(x)                                                   # (..., dim)
-    added: Tensor | int = 0
-    for name in names:
-        adapter = layer.adapters[name]
-        after_a = F.embedding(x, adapter.lora_embedding_A.t(), base.padding_idx, base.max_norm,
-                              base.norm_type, base.scale_grad_by_freq, base.sparse)  # (..., r)
-        lora = (after_a @ adapter.lora_embedding_B.t()) * adapter.scaling            # (..., dim)
-        if is_dora(adapter):
-            scale = _scale(layer, name, layer.base_weight())           # (dim,)
-            added = added + (scale - 1) * (result + added) + scale * lora  # = f·(running + lora) − running
-        else:
-            added = added + lora
-    if delta_only:
-        return added
-    return (result + added).to(result.dtype)
-
-
-# --- merging -----------------------------------------------------------------------------------------
-def merged_weight(layer: LoraLayer, name: str, weight: Tensor) -> Tensor:
-    """f ⊙ (W + s·B·A) for the current float32 weight W; f uses the norm of the unmerged base."""
-    adapter = layer.adapters[name]
-    delta = layer.delta_weight(name)
-    norm = weight_norm(layer, name, _unmerged_base(layer, weight))
-    adapter._merged_norm = norm                                        # unmerge needs this exact value
-    scale = _on_weight(adapter.lora_magnitude_vector.detach().float() / norm.float(), layer, weight.dim())
-    return scale * (weight + delta)
-
-
-def unmerged_weight(layer: LoraLayer, name: str, weight: Tensor, forget: bool = True) -> Tensor:
-    """Invert `merged_weight`: W = W' / f − s·B·A, with the norm cached at merge time."""
-    adapter = layer.adapters[name]
-    norm = adapter._merged_norm
-    if forget:
-        del adapter._merged_norm
-    scale = _on_weight(adapter.lora_magnitude_vector.detach().float() / norm.float(), layer, weight.dim())
-    return weight / scale - layer.delta_weight(name)
 
 
 def _unmerged_base(layer: LoraLayer, weight: Tensor) -> Tensor:
     """The base weight with every adapter merged so far taken out (on a copy)."""
     for name in reversed(layer.merged):
-        if is_dora(layer.adapters[name]):
-            weight = unmerged_weight(layer, name, weight, forget=False)
-        else:
-            weight = weight - layer.delta_weight(name)
+        weight = layer.adapters[name].unmerged_weight(layer, name, weight)
     return weight

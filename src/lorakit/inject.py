@@ -4,6 +4,10 @@ Target matching follows PEFT exactly, so a config means the same thing in both:
 - a list matches a module whose name equals an entry or ends with "." + entry;
 - a string is a regular expression that must match the whole module name;
 - "all-linear" is every nn.Linear / Conv1D except the output head.
+
+`inject` also chooses, per target, the layer kind (`bases.kind`: LoraLinear, LoraEmbedding,
+LoraConv; AdaLoRA's SVDLinear for an AdaLoraConfig) and the adapter kind (DoraAdapter when
+``use_dora``, else Adapter); a config only describes.
 """
 
 from __future__ import annotations
@@ -13,14 +17,20 @@ import re
 
 from torch import nn
 
+from . import bases
 from .adalora import AdaLoraConfig, wrap_svd_layer
 from .config import LoraConfig
-from .layers import Adapter, Conv1D, LoraLayer, ModulesToSave, make_lora_layer
+from .dora import DoraAdapter
+from .layers import Adapter, LoraConv, LoraEmbedding, LoraLayer
+from .linear import LoraLinear
+from .modules_to_save import ModulesToSave
 from .pissa import apply_init
-from .tasks import peft_task_type
 from .state import LoraState, get_state, lora_layers, set_child
+from .tasks import peft_task_type
 
 _SEQ_CLS_HEADS = ("classifier", "score")
+_LAYER_KINDS: dict[str, type[LoraLayer]] = {"linear": LoraLinear, "embedding": LoraEmbedding, "conv": LoraConv}
+
 
 def is_suffix_match(name: str, keys: list[str]) -> bool:
     return any(name == k or name.endswith("." + k) for k in keys)
@@ -68,9 +78,8 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def resolve_all_linear(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """PEFT's "all-linear": every Linear/Conv1D except the output head (or the classifier head)."""
-    linear = tuple(t for t in (nn.Linear, Conv1D) if isinstance(t, type))
     names = [n for n, m in _candidates(model)
-             if isinstance(m, linear) or (isinstance(m, LoraLayer) and isinstance(m.base_layer, linear))]
+             if bases.is_linear(m) or (isinstance(m, LoraLayer) and bases.is_linear(m.base_layer))]
     exclude = set()
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
@@ -137,7 +146,7 @@ def inject_layers(model: nn.Module, config: LoraConfig, name: str = "default") -
     if isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == "all-linear":
         cfg = cfg.replace(target_modules=resolve_all_linear(model, cfg))
     targets = find_targets(model, cfg)
-    if any(isinstance(getattr(m, "base_layer", m), Conv1D) for _, m in targets if Conv1D):
+    if any(bases.is_conv1d(getattr(m, "base_layer", m)) for _, m in targets):
         cfg = cfg.replace(fan_in_fan_out=True)
 
     first = not state.configs
@@ -147,10 +156,11 @@ def inject_layers(model: nn.Module, config: LoraConfig, name: str = "default") -
         _restore_trainable(model, state)
     modules = dict(model.named_modules())  # parents by name: one walk instead of a lookup per target
     injected: dict[str, LoraLayer] = {}
+    kind = DoraAdapter if cfg.use_dora else Adapter
     for mod_name, module in targets:
         layer = _layer_for(module, cfg, state, mod_name)
         r, alpha = cfg.rank_and_alpha(mod_name)
-        adapter: Adapter = layer.add_adapter(name, r, alpha, cfg)
+        adapter = layer.add_adapter(name, r, alpha, cfg, kind)
         adapter.requires_grad_(True)
         if layer is not module:
             parent_name, _, child = mod_name.rpartition(".")
@@ -174,7 +184,13 @@ def _layer_for(module: nn.Module, cfg: LoraConfig, state: LoraState, name: str) 
     """The layer that will hold cfg's adapter on `module` (the module itself when it is one already)."""
     if isinstance(cfg, AdaLoraConfig):  # AdaLoRA's SVD-form update has a layer kind of its own
         return wrap_svd_layer(module, state, name)
-    return module if isinstance(module, LoraLayer) else make_lora_layer(module, state, name)
+    if isinstance(module, LoraLayer):
+        return module
+    layer_kind = _LAYER_KINDS.get(bases.kind(module))
+    if layer_kind is None:
+        raise TypeError(f"module {name!r} is a {type(module).__name__}; LoRA supports {bases.SUPPORTED}. "
+                        f"Narrow target_modules so it matches only supported layers")
+    return layer_kind(module, state, name)
 
 
 def _restore_trainable(model: nn.Module, state: LoraState) -> None:

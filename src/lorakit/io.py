@@ -28,7 +28,8 @@ from torch import nn
 from . import adalora
 from .config import LoraConfig
 from .inject import inject_layers, set_trainable
-from .layers import LoraLayer, ModulesToSave, uninitialised
+from .layers import LoraLayer, uninitialised
+from .modules_to_save import ModulesToSave
 from .state import drop_state, get_state, lora_layers, require_state, set_child
 
 PREFIX = "base_model.model."

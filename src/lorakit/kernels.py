@@ -1,4 +1,24 @@
-"""The LoRA linear as one autograd function: base matmul and every active adapter, fused.
+"""The fast paths of a LoRA linear, behind one entry point: `lora_linear`.
+
+Every path computes exactly the layer's formula ``h = W0 x + Σ_i s_i · B_i(A_i(dropout(x)))``
+(`LoraLayer.forward` holds the plain version); tests compare values and gradients with that
+formula and with PEFT. `lora_linear` picks the path:
+
+| path                                    | when                                              | why |
+|-----------------------------------------|---------------------------------------------------|-----|
+| fused `LoraLinearFunction`              | autograd on; the base is exactly nn.Linear or      | one autograd node keeps only x and xAᵀ (N, r); the |
+|                                         | Conv1D with a frozen weight                       | mask is re-drawn in backward; branches added in place |
+| `LoraDeltaFunction`                     | autograd on; any other base (quantized, a         | the base runs as itself; the branches are added into |
+|                                         | subclass, a trainable weight)                     | its output in place, same backward as the fused path |
+| folded W' (`folded_linear`)             | no autograd, no dropout, exact base, float32,     | one pass over W' = W + Σ s·B·A instead of two over |
+|                                         | a long input (`fold_pays`)                        | the activations |
+| in-place branches (`add_lora_branches`) | no autograd otherwise                             | no autograd bookkeeping: added into the base output |
+| batched per row (`per_row_linear`)      | inside `per_row`; no DoRA adapter on this layer;  | row i's A and s·B, gathered when per_row was entered: |
+|                                         | input ≥ 2-D without grad; no dropout in training  | two batched matmuls for the whole batch |
+| none (None: the caller's formula)       | a DoRA adapter; adapters with different dropout p | each adapter's own math and its own mask, as PEFT |
+|                                         | in training; per_row otherwise                    | |
+
+The fused linear, forward and backward:
 
     x (N, k) ──► x Wᵀ + b ──────────────────────────────────────► y (N, d)
        │                                             ▲ addmm_ (in place, alpha = s')
@@ -7,7 +27,7 @@
 Autograd on the plain formula keeps, per module, a dropped-out copy of x (N, k) in float, its
 float mask, and a fresh (N, d) tensor for every ``+`` and ``*``. This function keeps only what
 backward needs: x itself (shared with whatever produced it) and xa (N, r); a dropout mask is
-kept as a seed and drawn again in backward. Backward, with g = dL/dy (N, d):
+kept as a seed (`dropout.DropoutDraw`) and drawn again in backward. With g = dL/dy (N, d):
 
     gxa   = s' g B                       (N, r)
     dL/dA = gxaᵀ xm                      (r, k)     xm rebuilt from x and the re-drawn mask
@@ -15,29 +35,23 @@ kept as a seed and drawn again in backward. Backward, with g = dL/dy (N, d):
     dL/dx = g W + mask ⊙ (gxa A)         one (N, k) tensor, accumulated in place (addmm_ / addcmul_)
     dL/db = Σ_rows g                     (only when the base bias is trainable)
 
-Dropout: the LoRA branches of modules that read the *same input tensor* (q/k/v of attention,
-gate/up of a gated MLP) share one mask, drawn once (`SharedDropout`): each branch still sees
-inverted dropout of its input with probability p, as in PEFT, but the branches' masks are the
-same draw instead of independent ones. The masked input xm is computed once for all of them,
-in forward and again in backward. On CPU a mask is 16-bit random integers against a threshold
-(P(drop) = p rounded to a multiple of 2⁻¹⁶, and the kept values scaled by the rounded rate, so
-the expectation is exact), written straight out as 0./1. floats; elsewhere ``bernoulli_``.
-
-Inference on long inputs (`fold_pays`, `folded_linear`) multiplies by a temporary
-W' = W + Σ s·B·A instead: the same math, one pass over W instead of two over the activations.
-
-The math is exactly ``base(x) + s * B(A(dropout(x)))``: tests compare values and gradients with
-the plain formula and with PEFT.
+Which branches share a mask is `dropout.py`'s business (`lorakit.shared_dropout`).
 """
 
 from __future__ import annotations
 
-import math
-import threading
-import weakref
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from .bases import is_exact_linear
+from .dropout import DropoutDraw, DropoutDraws, scratch
+
+if TYPE_CHECKING:
+    from .layers import Adapter
+    from .linear import LoraLinear
+    from .routing import Routing
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -48,144 +62,88 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-# --- dropout ------------------------------------------------------------------------------------------
-DRAW_BITS = 16  # CPU masks: one 16-bit random draw per element, P(drop) a multiple of 2⁻¹⁶
+# --- the entry point ----------------------------------------------------------------------------------
+def lora_linear(layer: LoraLinear, x: Tensor, adapters: list[Adapter], routing: Routing | None,
+                draws: DropoutDraws | None) -> Tensor | None:
+    """`layer`'s output for input x by the fastest path that applies (the table above), or None
+    when none does and the caller computes the formula.
 
-
-def drop_rate(p: float, device: torch.device) -> float:
-    """The probability `keep_mask` actually drops with: p itself off the CPU; on the CPU, p rounded
-    to a multiple of 2⁻¹⁶ (|error| ≤ 2⁻¹⁷, e.g. 0.05 → 0.0500031). Callers scale the kept
-    values by 1 / (1 - drop_rate), so the expectation is exact."""
-    if device.type != "cpu":
-        return p
-    return min(round(p * 2**DRAW_BITS), 2**DRAW_BITS - 1) / 2**DRAW_BITS
-
-
-def keep_mask(shape: tuple[int, ...], p: float, device: torch.device,
-              generator: torch.Generator | None = None, dtype: torch.dtype = torch.bool) -> Tensor:
-    """Keep-mask with P(keep) = 1 - drop_rate(p, device), as bool or as 0./1. in a float `dtype`.
-
-    On the CPU the draw is 16 random bits per element (64-bit words viewed as int16) compared with
-    a threshold, written straight into the output dtype: about 2.5 times faster than 32-bit draws
-    and a separate bool-to-float conversion, and 5 times faster than ``bernoulli_``, which is what
-    other devices use.
+    Args:
+        adapters: the active adapters, applied together (ignored under `routing`).
+        routing: inside `per_row`, which adapter each row uses; else None.
+        draws: inside `shared_dropout`, the forward's shared dropout draws; None: a mask of its own.
     """
-    if device.type != "cpu":
-        mask = torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=generator)
-        return mask if dtype == torch.bool else mask.to(dtype)
-    n = math.prod(shape)
-    words = _scratch("words", (n + 3) // 4, torch.int64).random_(-2**63, None, generator=generator)
-    bits = words.view(torch.int16)[:n]                                  # uniform over all int16 values
-    threshold = round(drop_rate(p, device) * 2**DRAW_BITS) - 2**(DRAW_BITS - 1)  # P(bits < threshold) = rate
-    if dtype in (torch.float32, torch.float64):  # every int16 is exact here: compare in place, no bool temporary
-        return torch.empty(n, dtype=dtype).copy_(bits).ge_(threshold).view(shape)
-    return torch.ge(bits, threshold, out=torch.empty(n, dtype=dtype)).view(shape)
+    if routing is not None:
+        return per_row_linear(layer, x, routing)
+    if not all(ad.additive for ad in adapters):
+        return None                                                      # DoRA: its formula in dora.py
+    p = max(ad.dropout for ad in adapters) if layer.training else 0.0
+    if p > 0 and len({ad.dropout for ad in adapters}) > 1:
+        return None                                                      # each adapter its own mask, as PEFT
+    scales = tuple(ad.scaling for ad in adapters)
+    factors = [t for ad in adapters for t in (ad.lora_A.weight, ad.lora_B.weight)]
+    drop = None
+    if p > 0:
+        drop = draws.draw(x, p, layer) if draws is not None else DropoutDraw(p, x)
+        scales = tuple(s / (1.0 - drop.rate) for s in scales)           # inverted dropout's 1/(1-p), folded in
+    try:
+        return _unrouted(layer, x, drop, scales, factors)
+    finally:
+        if drop is not None and draws is None:
+            drop.release()                                               # its own draw: backward re-draws it
 
 
-def _scratch(name: str, numel: int, dtype: torch.dtype) -> Tensor:
-    """A per-thread CPU buffer reused call after call, for temporaries that die inside one call
-    (keep_mask's random words, backward's pre-mask dL/dx): allocating them afresh
-    each time churns, and fragments, the heap."""
-    buf = _last.scratch.get((name, dtype))
-    if buf is None or buf.numel() < numel:
-        buf = _last.scratch[(name, dtype)] = torch.empty(numel, dtype=dtype)
-    return buf[:numel]
+def _unrouted(layer: LoraLinear, x: Tensor, drop: DropoutDraw | None, scales: tuple[float, ...],
+              factors: list[Tensor]) -> Tensor:
+    """The first four rows of the table: every row of x through the same adapters."""
+    base = layer.base_layer
+    bias = getattr(base, "bias", None)
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(f.requires_grad for f in factors)
+                                        or (bias is not None and bias.requires_grad))
+    exact = is_exact_linear(base)
+    if grad and exact and not base.weight.requires_grad:
+        return LoraLinearFunction.apply(x, base.weight, bias, layer.fan_in_fan_out, drop, scales, *factors)
+    if not grad and drop is None and exact and fold_pays(x, base.weight, layer.out_features):
+        return folded_linear(x, base.weight, bias, layer.fan_in_fan_out, scales, factors)
+    out = base(x)
+    if grad:
+        return LoraDeltaFunction.apply(out, x, drop, scales, *factors)
+    out = out if out.is_contiguous() else out.contiguous()
+    flat = out.view(-1, out.shape[-1])                                   # (N, d)
+    xf = x.reshape(-1, x.shape[-1]).to(flat.dtype)                       # (N, k)
+    add_lora_branches(flat, drop.masked(xf) if drop is not None else xf, scales, factors, flat.dtype)
+    return out
 
 
-class SharedDropout:
-    """One dropout draw for every LoRA branch that reads the same input tensor.
+def per_row_linear(layer: LoraLinear, x: Tensor, routing: Routing) -> Tensor | None:
+    """Mixed batch in two batched matmuls, row i with its adapter's A and s·B (`routing.plan`):
 
-    Nothing mask-sized is kept for backward: the draw is a seed (taken from torch's default
-    generator, so ``torch.manual_seed`` and checkpointing's RNG replay reproduce it), and
-    backward draws the same mask again. Forward builds xm = x ⊙ mask (N, k) once for all the
-    branches (the mask itself goes right away) and drops it when another input arrives;
-    backward rebuilds mask and xm once and drops them after the last branch that counted
-    itself in (`users`).
+        out (n, L, d) += bmm(bmm(x (n, L, k), A_rowsᵀ), (s·B)_rowsᵀ)     A_rows (n, r, k), B_rows (n, d, r)
+
+    A generate() pays for the gathering once (when per_row is entered), then runs two ops per
+    layer per step (a loop over adapters would run two per adapter, each with its own threading
+    overhead). A batch of n·m rows (beam search repeats each row m times, consecutively) is read
+    as (n, m·L, k). None: the per-adapter path must serve this call (see the table).
     """
-
-    __slots__ = ("seed", "p", "rate", "shape", "device", "users", "readers", "_mask", "_masked")
-
-    def __init__(self, p: float, shape: tuple[int, int], device: torch.device) -> None:
-        self.seed = int(torch.empty((), dtype=torch.int64).random_())
-        self.p, self.shape, self.device = p, shape, device
-        self.rate = drop_rate(p, device)   # what the mask drops with: kept values are scaled by 1 / (1 - rate)
-        self.users = 0                     # branches whose backward will still ask for xm
-        self.readers: set[int] = set()     # the layers that took this draw (a layer never takes one twice)
-        self._mask: Tensor | None = None   # (N, k) 0./1.
-        self._masked: Tensor | None = None  # (N, k) x ⊙ mask
-
-    def mask(self, dtype: torch.dtype) -> Tensor:
-        """The keep-mask as 0./1. in `dtype` (a float multiplier: bool-to-float ops are slow on CPU)."""
-        if self._mask is None or self._mask.dtype != dtype:
-            gen = torch.Generator(device=self.device).manual_seed(self.seed)
-            self._mask = keep_mask(self.shape, self.p, self.device, gen, dtype)
-        return self._mask
-
-    def masked(self, xf: Tensor, keep_mask: bool = False) -> Tensor:
-        """x ⊙ mask in xf's dtype, built once and reused by the other branches.
-
-        Forward needs only this product, so the (N, k) mask goes as soon as it is made unless
-        `keep_mask` (backward, which also masks dL/dx).
-        """
-        xm = self._masked
-        if xm is None or xm.dtype != xf.dtype:
-            xm = self._masked = xf * self.mask(xf.dtype)
-            if not keep_mask:
-                self._mask = None
-        return xm
-
-    def release(self) -> None:
-        """Forward moved on to another input (or backward's last branch is done)."""
-        self._mask = self._masked = None
-
-    def done(self) -> None:
-        """One branch's backward no longer needs the mask."""
-        self.users -= 1
-        if self.users <= 0:
-            self.release()
+    plan = routing.plan(layer)
+    if (plan is None or not plan.batched or x.dim() < 2 or layer.training and plan.dropout
+            or torch.is_grad_enabled() and x.requires_grad):
+        return None
+    out = layer.base_layer(x)
+    if plan.a is None:                                                   # no adapter of this routing here
+        return out
+    n = routing.check_batch(x.shape[0])
+    out = out if out.is_contiguous() else out.contiguous()
+    a, b = plan.a, plan.b                                                # (n, r, k), (n, d, r)
+    if a.dtype != out.dtype or a.device != out.device:                   # e.g. under autocast: not cached
+        a, b = a.to(out.device, out.dtype), b.to(out.device, out.dtype)
+    x3 = x.reshape(n, -1, x.shape[-1]).to(out.dtype)                    # (n, m·L, k)
+    xa = torch.bmm(x3, a.transpose(1, 2))                               # (n, m·L, r)
+    out.view(n, -1, out.shape[-1]).baddbmm_(xa, b.transpose(1, 2))
+    return out
 
 
-class _LastDraw(threading.local):
-    """Per thread: the input the last mask was drawn for (a weak reference), and the draw."""
-
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.drop: SharedDropout | None = None
-        self.scratch: dict[tuple[str, torch.dtype], Tensor] = {}
-
-
-_last = _LastDraw()
-
-
-def shared_dropout(x: Tensor, p: float, reader: object) -> SharedDropout:
-    """The dropout draw for input x, as seen by layer `reader`.
-
-    Reused when the previous draw was for the very same tensor (unchanged since) and `reader`
-    has not taken it yet: q, k and v share one; a layer called again on the same x (the next
-    step, the same batch) gets a fresh one, as with nn.Dropout.
-    """
-    key = _last.key
-    if (key is not None and key[0]() is x and key[1] == x._version and key[2] == p
-            and id(reader) not in _last.drop.readers):
-        _last.drop.readers.add(id(reader))
-        return _last.drop
-    if _last.drop is not None:
-        _last.drop.release()  # its branches are done with the forward copies
-    k = x.shape[-1]
-    drop = SharedDropout(p, (x.numel() // max(k, 1), k), x.device)
-    drop.readers.add(id(reader))
-    _last.key, _last.drop = (weakref.ref(x), x._version, p), drop
-    return drop
-
-
-def forget_dropout() -> None:
-    """Drop the per-thread reference to the last draw (tests; the end of a training run)."""
-    if _last.drop is not None:
-        _last.drop.release()
-    _last.key = _last.drop = None
-
-
-# --- fused LoRA linear ----------------------------------------------------------------------------------
+# --- the fused LoRA linear -----------------------------------------------------------------------------
 def add_lora_branches(y: Tensor, xm: Tensor, scales: tuple[float, ...], factors: tuple[Tensor, ...],
                    dtype: torch.dtype) -> list[Tensor]:
     """y += Σ s_i (xm A_iᵀ) B_iᵀ in place; returns the xa_i (N, r) backward needs."""
@@ -212,7 +170,7 @@ def _lora_backward(ctx, g: Tensor, xf: Tensor, factors, xas, gx: Tensor | None,
         grad_a = grad_b = None
         if ctx.needs_input_grad[first_factor + 2 * i]:
             if xm is None:
-                xm = drop.masked(xf, keep_mask=True)                     # shared by q/k/v: built once
+                xm = drop.masked(xf, keep_mask=True)                     # once for all branches of the draw
             grad_a = torch.mm(gxa.t(), xm).to(a_param.dtype)             # (r, k)
         if ctx.needs_input_grad[first_factor + 2 * i + 1]:
             grad_b = torch.mm(g.t(), xas[i].to(dtype)).mul_(s).to(b_param.dtype)  # (d, r), contiguous like B
@@ -220,7 +178,7 @@ def _lora_backward(ctx, g: Tensor, xf: Tensor, factors, xas, gx: Tensor | None,
             if drop is None:
                 gx.addmm_(gxa, a)
             elif lora_gx is None:  # consumed by the addcmul_ below: a reused buffer will do (CPU)
-                out = _scratch("lora_gx", gx.numel(), dtype).view(gx.shape) if gx.device.type == "cpu" else None
+                out = scratch("lora_gx", gx.numel(), dtype).view(gx.shape) if gx.device.type == "cpu" else None
                 lora_gx = torch.mm(gxa, a, out=out)
             else:
                 lora_gx.addmm_(gxa, a)
@@ -236,13 +194,13 @@ class LoraLinearFunction(torch.autograd.Function):
     """y = x Wᵀ (+ b) + Σ_i s'_i B_i A_i (x ⊙ mask), with W frozen. See the module docstring.
 
     Args (of ``apply``): x (..., k); weight (d, k), or (k, d) when fan_in_fan_out; bias (d,) or
-    None; fan_in_fan_out; drop: a SharedDropout or None; scales: s_i / (1 - p) per adapter;
+    None; fan_in_fan_out; drop: a DropoutDraw or None; scales: s_i / (1 - p) per adapter;
     factors: A_1, B_1, A_2, B_2, ... as matrices (r, k), (d, r).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool,
-                drop: SharedDropout | None, scales: tuple[float, ...], *factors: Tensor) -> Tensor:
+                drop: DropoutDraw | None, scales: tuple[float, ...], *factors: Tensor) -> Tensor:
         dtype = compute_dtype(x)
         lead, k = x.shape[:-1], x.shape[-1]
         xf = x.reshape(-1, k).to(dtype)                                  # (N, k)
@@ -284,7 +242,7 @@ class LoraDeltaFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, base_out: Tensor, x: Tensor, drop: SharedDropout | None, scales: tuple[float, ...],
+    def forward(ctx, base_out: Tensor, x: Tensor, drop: DropoutDraw | None, scales: tuple[float, ...],
                 *factors: Tensor) -> Tensor:
         dtype = base_out.dtype
         xf = x.reshape(-1, x.shape[-1]).to(dtype)                         # (N, k)

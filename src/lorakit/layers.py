@@ -7,8 +7,16 @@
 Every layer kind keeps the base module as ``base_layer`` and one ``Adapter`` per name in
 ``adapters``; an adapter's tensors carry PEFT's names (``lora_A``, ``lora_B``,
 ``lora_embedding_A``, ``lora_magnitude_vector``) so the file format is a fixed key table.
-``forward`` is pure math; what changes behaviour are the named calls (merge, unmerge,
-set_adapter, per_row, disabled), which edit the shared ``LoraState``.
+
+Layer kinds (which one wraps a base module is `inject`'s choice, by `bases.kind`): `LoraLinear`
+(linear.py: nn.Linear, Conv1D, quantized linears, with the fast paths of kernels.py),
+`LoraEmbedding` and `LoraConv` (here), `adalora.SVDLinear`. Adapter kinds, chosen once when an
+adapter is added: `Adapter` (LoRA), `dora.DoraAdapter`, `adalora.SVDAdapter`; each says what it
+adds to the output (`add_to`) and to the base weight when merged (`merged_weight`).
+
+``forward`` is pure math: it reads the shared ``LoraState`` (active adapters, ``per_row``
+routing, ``shared_dropout`` draws) and writes nothing there; what changes behaviour are the
+named calls (merge, unmerge, set_adapter, per_row, disabled, shared_dropout), which edit it.
 """
 
 from __future__ import annotations
@@ -17,25 +25,19 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import dora, qlora
-from .kernels import (LoraDeltaFunction, LoraLinearFunction, add_lora_branches, compute_dtype, fold_pays,
-                      folded_linear, shared_dropout)
+from . import qlora
+from .bases import is_4bit
 
 if TYPE_CHECKING:
     from .config import LoraConfig
     from .routing import Routing
     from .state import LoraState
-
-try:  # GPT-2 style Conv1D: weight stored (in, out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
-    Conv1D = ()  # type: ignore[assignment]
 
 
 _INIT_WEIGHTS: ContextVar[bool] = ContextVar("lorakit_init_weights", default=True)
@@ -52,72 +54,59 @@ def uninitialised() -> Iterator[None]:
 
 
 class Adapter(nn.Module):
-    """One named adapter of one layer: its factors, scale and dropout probability."""
+    """One named LoRA adapter of one layer: its factors, scale and dropout probability."""
+
+    additive: ClassVar[bool] = True
+    """Its update is W0 + s·B·A, linear in x: kernels' fast paths, the in-place merge and the batched
+    per-row path compute exactly that. False for kinds with other math (DoRA)."""
 
     def __init__(self, r: int, alpha: float, scaling: float, dropout: float) -> None:
         super().__init__()
         # plain numbers: straight into __dict__ (Module.__setattr__ checks cost more than the numbers)
         self.__dict__.update(r=r, alpha=alpha, scaling=scaling, dropout=dropout)
 
-    def factors(self) -> tuple[Tensor, Tensor]:
-        """(A, B) as matrices: A (r, k), B (d, r)."""
-        if hasattr(self, "lora_embedding_A"):
-            return self.lora_embedding_A, self.lora_embedding_B
-        a, b = self.lora_A.weight, self.lora_B.weight
-        return a.flatten(1), b.flatten(1)
+    def initialise(self, layer: LoraLayer, name: str, init: str) -> None:
+        """Set the factors by `init` once the adapter sits in layer.adapters (not inside `uninitialised()`)."""
+        if _INIT_WEIGHTS.get():
+            layer.reset_adapter(name, init)
+
+    def add_to(self, layer: LoraLayer, name: str, x: Tensor, base_out: Tensor, added: Tensor | int) -> Tensor:
+        """`added` (what the adapters before this one add to base_out) plus this one's s·B(A(dropout(x)))."""
+        return added + layer.branch(self, layer.lora_input(self, x))
+
+    def merged_weight(self, layer: LoraLayer, name: str, weight: Tensor) -> Tensor:
+        """The float32 base weight (stored layout) with this adapter folded in: W + s·B·A."""
+        return weight + layer.delta_weight(name)
+
+    def unmerged_weight(self, layer: LoraLayer, name: str, weight: Tensor) -> Tensor:
+        """Undo `merged_weight`."""
+        return weight - layer.delta_weight(name)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}"
 
 
 class LoraLayer(nn.Module):
-    """Common machinery: named adapters, merge bookkeeping, and which adapters a forward uses."""
+    """Common machinery: named adapters, the forward formula, merge bookkeeping."""
 
-    def __init__(self, base_layer: nn.Module, state: LoraState) -> None:
+    def __init__(self, base_layer: nn.Module, state: LoraState, name: str = "") -> None:
         super().__init__()
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.merged: list[str] = []
-        object.__setattr__(self, "state", state)  # shared, not a submodule
+        object.__setattr__(self, "state", state)        # shared, not a submodule
+        object.__setattr__(self, "_lorakit_name", name)  # the module's name in the model, for messages
 
-    # --- subclass hooks ---
-    def _make_adapter(self, r: int, alpha: float, scaling: float, dropout: float) -> Adapter:
+    # --- what a layer kind defines ---
+    def _make_adapter(self, kind: type[Adapter], r: int, alpha: float, scaling: float, dropout: float) -> Adapter:
         raise NotImplementedError
 
     def delta_weight(self, name: str) -> Tensor:
         """scaling * B @ A in the base weight's layout, in float32."""
         raise NotImplementedError
 
-    def _lora_forward(self, x: Tensor, names: list[str]) -> Tensor:
-        raise NotImplementedError
-
-    # --- adapters ---
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    def add_adapter(self, name: str, r: int, alpha: float, config: LoraConfig) -> Adapter:
-        """Add adapter `name`, initialised by config.init (not at all inside `uninitialised()`)."""
-        scaling = config.scaling(r, alpha)
-        adapter = self._make_adapter(r, alpha, scaling, config.dropout)
-        device, dtype = self.adapter_device_dtype()
-        first = next(adapter.parameters())
-        if first.device != device or first.dtype != dtype:  # kinds that build their factors elsewhere
-            adapter.to(device=device, dtype=dtype)
-        self.adapters[name] = adapter
-        if _INIT_WEIGHTS.get() or config.use_dora:  # DoRA's magnitude is computed from A and B
-            self.reset_adapter(name, config.init)
-        if config.use_dora:
-            dora.add_magnitude(self, name)
-        return adapter
-
-    def adapter_device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        """Where adapter tensors live: the base weight's device; float32 for half/quantized bases."""
-        ref = self.base_layer.weight
-        dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32
-        return ref.device, torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
     def reset_adapter(self, name: str, init: str = "default") -> None:
+        """PEFT's init: A kaiming-uniform (or normal / r for "gaussian"), B zero, so the update starts at 0."""
         a, b = self.adapters[name].lora_A.weight, self.adapters[name].lora_B.weight
         with torch.no_grad():
             if init == "gaussian":
@@ -126,29 +115,81 @@ class LoraLayer(nn.Module):
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             nn.init.zeros_(b)
 
-    def active_unmerged(self) -> list[str]:
-        st = self.state
-        return [n for n in st.active if n in self.adapters and n not in self.merged]
+    def lora_input(self, ad: Adapter, x: Tensor) -> Tensor:
+        """x as adapter `ad`'s branch reads it: in the adapter's dtype, dropped out in training."""
+        x = x.to(ad.lora_A.weight.dtype)
+        return F.dropout(x, ad.dropout, True) if self.training and ad.dropout > 0 else x
 
+    def branch(self, ad: Adapter, xd: Tensor) -> Tensor:
+        """s · B(A(xd)) for an input already through `lora_input`."""
+        return ad.lora_B(ad.lora_A(xd)) * ad.scaling
+
+    def fast_forward(self, x: Tensor, adapters: list[Adapter], routing: Routing | None) -> Tensor | None:
+        """The same output as the formula by a faster path, or None (LoraLinear: `kernels.lora_linear`)."""
+        return None
+
+    # --- the forward ---
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """h = base(x) + Σ_i s_i · B_i(A_i(dropout(x))) over the adapters in use, each adding its own
+        term (`Adapter.add_to`; DoRA's in dora.py). Under `per_row`, row j uses adapter names[j]."""
         st = self.state
         if st.disabled or not self.adapters:
             return self.base_layer(x, *args, **kwargs)
-        if st.routing is not None:
-            return self._routed_forward(x, st.routing, *args, **kwargs)
-        names = self.active_unmerged()
-        if not names:
+        routing = st.routing
+        names = self.active_unmerged() if routing is None else []
+        if routing is None and not names:
             return self.base_layer(x, *args, **kwargs)
-        return self._lora_forward(x, names, *args, **kwargs)
-
-    def _routed_forward(self, x: Tensor, routing: Routing, *args, **kwargs) -> Tensor:
-        """Mixed batch: row i uses routing.names[i]. Generic path: one pass per adapter present."""
+        fast = self.fast_forward(x, [self.adapters[n] for n in names], routing)  # the same math, faster
+        if fast is not None:
+            return fast
         out = self.base_layer(x, *args, **kwargs)
-        for name, rows in routing.groups(x.shape[0], x.device):
+        if routing is not None:
+            return self._add_per_row(out, x, routing)
+        return (out + self.update(x, names, out)).to(out.dtype)
+
+    def update(self, x: Tensor, names: list[str], base_out: Tensor) -> Tensor:
+        """What adapters `names` add to base_out, applied in order (a DoRA term scales the running output)."""
+        added: Tensor | int = 0
+        for name in names:
+            added = self.adapters[name].add_to(self, name, x, base_out, added)
+        return added
+
+    def _add_per_row(self, out: Tensor, x: Tensor, routing: Routing) -> Tensor:
+        """Row j of out gets adapter routing.names[j]'s term: one pass per adapter present."""
+        routing.check_batch(x.shape[0])
+        out = out if out.is_contiguous() else out.contiguous()
+        for name, rows in routing.groups(x.device):
             if name in self.adapters:
-                delta = self._lora_forward(x[rows], [name], _delta_only=True)
-                out.index_add_(0, rows, delta.to(out.dtype))
+                term = self.update(routing.take(x, rows), [name], routing.take(out, rows))
+                routing.add(out, rows, term.to(out.dtype))
         return out
+
+    # --- adapters ---
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    def add_adapter(self, name: str, r: int, alpha: float, config: LoraConfig,
+                    kind: type[Adapter] = Adapter) -> Adapter:
+        """Add adapter `name` of `kind` (inject's choice: Adapter, or DoraAdapter), initialised by config.init."""
+        adapter = self._make_adapter(kind, r, alpha, config.scaling(r, alpha), config.dropout)
+        device, dtype = self.adapter_device_dtype()
+        first = next(adapter.parameters())
+        if first.device != device or first.dtype != dtype:  # kinds that build their factors elsewhere
+            adapter.to(device=device, dtype=dtype)
+        self.adapters[name] = adapter
+        adapter.initialise(self, name, config.init)
+        return adapter
+
+    def adapter_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """Where adapter tensors live: the base weight's device; float32 for half/quantized bases."""
+        ref = self.base_layer.weight
+        dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32
+        return ref.device, torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+    def active_unmerged(self) -> list[str]:
+        st = self.state
+        return [n for n in st.active if n in self.adapters and n not in self.merged]
 
     # --- merging ---
     def merge(self, names: list[str], safe: bool = False) -> None:
@@ -158,9 +199,7 @@ class LoraLayer(nn.Module):
             if not safe and self._add_delta_inplace(name, 1.0):
                 self.merged.append(name)
                 continue
-            w = self.base_weight()
-            merged = (dora.merged_weight(self, name, w) if dora.is_dora(self.adapters[name])
-                      else w + self.delta_weight(name))
+            merged = self.adapters[name].merged_weight(self, name, self.base_weight())
             if safe and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs or Infs detected in the merged weights of {self._debug_name()}: "
                                  f"the adapter {name!r} seems to be broken; nothing was merged into this layer")
@@ -170,11 +209,8 @@ class LoraLayer(nn.Module):
     def unmerge(self) -> None:
         while self.merged:
             name = self.merged.pop()
-            if self._add_delta_inplace(name, -1.0):
-                continue
-            w = self.base_weight()
-            self.set_base_weight(dora.unmerged_weight(self, name, w) if dora.is_dora(self.adapters[name])
-                                 else w - self.delta_weight(name))
+            if not self._add_delta_inplace(name, -1.0):
+                self.set_base_weight(self.adapters[name].unmerged_weight(self, name, self.base_weight()))
 
     def _add_delta_inplace(self, name: str, sign: float) -> bool:
         """W += sign · ΔW in place where a layer kind can (one pass over W); False: use the general path."""
@@ -182,7 +218,7 @@ class LoraLayer(nn.Module):
 
     def base_weight(self) -> Tensor:
         """The base weight as float32 in its stored layout (dequantized when the base is 4-bit)."""
-        if qlora.is_4bit(self.base_layer):
+        if is_4bit(self.base_layer):
             return qlora.dequantized_weight(self.base_layer)
         w = self.base_layer.weight
         if not w.dtype.is_floating_point:
@@ -192,165 +228,24 @@ class LoraLayer(nn.Module):
 
     def set_base_weight(self, w: Tensor) -> None:
         """Write a float weight back into the base (re-quantizing a 4-bit base)."""
-        if qlora.is_4bit(self.base_layer):
+        if is_4bit(self.base_layer):
             qlora.replace_weight(self.base_layer, w)
         else:
             self.base_layer.weight.data.copy_(w.to(self.base_layer.weight.dtype))
 
     def _debug_name(self) -> str:
-        return getattr(self, "_lorakit_name", type(self.base_layer).__name__)
+        return self._lorakit_name or type(self.base_layer).__name__
 
     def extra_repr(self) -> str:
         return f"merged={self.merged}" if self.merged else ""
 
 
-class LoraLinear(LoraLayer):
-    """LoRA around nn.Linear, transformers' Conv1D (weight (in, out)) or a quantized linear."""
-
-    def __init__(self, base_layer: nn.Module, state: LoraState) -> None:
-        super().__init__(base_layer, state)
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D) if Conv1D else False
-        if qlora.is_4bit(base_layer):
-            qlora.keep_standard_layout(base_layer)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-
-    def _make_adapter(self, r, alpha, scaling, dropout) -> Adapter:
-        device, dtype = self.adapter_device_dtype()
-        ad = Adapter(r, alpha, scaling, dropout)
-        ad.lora_A = _linear(torch.empty(r, self.in_features, device=device, dtype=dtype))   # (r, k)
-        ad.lora_B = _linear(torch.zeros(self.out_features, r, device=device, dtype=dtype))  # (d, r)
-        return ad
-
-    def delta_weight(self, name: str) -> Tensor:
-        ad = self.adapters[name]
-        delta = (ad.lora_B.weight.float() @ ad.lora_A.weight.float()) * ad.scaling  # (d, k)
-        return delta.t() if self.fan_in_fan_out else delta
-
-    def _add_delta_inplace(self, name: str, sign: float) -> bool:
-        """Plain LoRA on a float32 weight: W.addmm_(B, A, alpha=±s), no (d, k) temporary."""
-        w, ad = getattr(self.base_layer, "weight", None), self.adapters[name]
-        if (w is None or w.dtype != torch.float32 or dora.is_dora(ad) or qlora.is_4bit(self.base_layer)
-                or ad.lora_A.weight.dtype != torch.float32):
-            return False
-        a, b = ad.lora_A.weight.detach(), ad.lora_B.weight.detach()     # (r, k), (d, r)
-        with torch.no_grad():
-            if self.fan_in_fan_out:
-                w.addmm_(a.t(), b.t(), alpha=sign * ad.scaling)          # W stored (k, d)
-            else:
-                w.addmm_(b, a, alpha=sign * ad.scaling)
-        return True
-
-    def _plain_base(self) -> bool:
-        """An exact nn.Linear / Conv1D (not a subclass or a quantized linear): its math is known."""
-        base = self.base_layer
-        return type(base) is nn.Linear or bool(Conv1D) and type(base) is Conv1D
-
-    def _fusable(self) -> bool:
-        return self._plain_base() and not self.base_layer.weight.requires_grad
-
-    def _lora_forward(self, x: Tensor, names: list[str], *args, _delta_only: bool = False, **kwargs) -> Tensor:
-        if any(dora.is_dora(self.adapters[n]) for n in names):
-            return dora.forward(self, x, names, delta_only=_delta_only)
-        ads = [self.adapters[n] for n in names]
-        p = max(ad.dropout for ad in ads) if self.training else 0.0
-        if p > 0 and not _delta_only and len({ad.dropout for ad in ads}) > 1:
-            # adapters with different dropout p: each gets its own mask, as in PEFT
-            out = self._lora_forward(x, names[:1], *args, **kwargs)
-            for n in names[1:]:
-                out = out + self._lora_forward(x, [n], _delta_only=True).to(out.dtype)
-            return out
-        scales = tuple(ad.scaling for ad in ads)
-        factors = [t for ad in ads for t in (ad.lora_A.weight, ad.lora_B.weight)]
-        if _delta_only:
-            return _lora_delta(x, factors, scales, p, compute_dtype(x))
-        drop = None
-        if p > 0:  # one mask for every branch that reads this same x (q/k/v, gate/up): kernels.SharedDropout
-            drop = shared_dropout(x, p, self)
-            scales = tuple(s / (1.0 - drop.rate) for s in scales)       # inverted dropout's 1/(1-p), folded in
-        base = self.base_layer
-        bias = getattr(base, "bias", None)
-        grad = torch.is_grad_enabled() and (x.requires_grad or any(f.requires_grad for f in factors)
-                                            or (bias is not None and bias.requires_grad))
-        if grad and self._fusable():
-            return LoraLinearFunction.apply(x, base.weight, bias, self.fan_in_fan_out, drop, scales, *factors)
-        if not grad and drop is None and self._plain_base() and fold_pays(x, base.weight, self.out_features):
-            return folded_linear(x, base.weight, bias, self.fan_in_fan_out, scales, factors)
-        out = base(x)
-        if grad:
-            return LoraDeltaFunction.apply(out, x, drop, scales, *factors)
-        # inference: the same math without autograd bookkeeping, added into the base output in place
-        out = out if out.is_contiguous() else out.contiguous()
-        flat = out.view(-1, out.shape[-1])                                # (N, d)
-        xf = x.reshape(-1, x.shape[-1]).to(flat.dtype)                    # (N, k)
-        add_lora_branches(flat, drop.masked(xf) if drop is not None else xf, scales, factors, flat.dtype)
-        return out
-
-    def _routed_forward(self, x: Tensor, routing: Routing, *args, **kwargs) -> Tensor:
-        """Mixed batch in two batched matmuls: row i's A and s·B are gathered once per routing.
-
-            out (b, L, d) += bmm(bmm(x (b, L, k), A_rowsᵀ), (s·B)_rowsᵀ)     A_rows (b, r, k), B_rows (b, d, r)
-
-        A generate() pays for the gathering once, then runs two ops per layer per step (a loop
-        over adapters would run two per adapter, each with its own threading overhead). Rows
-        with None or an adapter this layer lacks gather zeros. DoRA adapters, inputs that need
-        gradients and dropout in training mode take the generic per-adapter path.
-        """
-        cache = routing.layer_cache(self)
-        plan = cache.get("plan")
-        if plan is None:  # what this layer holds of the routing's adapters: once per routing, not per step
-            present = [self.adapters[a] for a in routing.adapters if a in self.adapters]
-            plan = cache["plan"] = (bool(present), any(dora.is_dora(ad) for ad in present),
-                                    any(ad.dropout > 0 for ad in present))
-        has_any, has_dora, has_dropout = plan
-        if (x.dim() < 2 or has_dora or self.training and has_dropout
-                or torch.is_grad_enabled() and x.requires_grad):
-            return super()._routed_forward(x, routing, *args, **kwargs)
-        out = self.base_layer(x, *args, **kwargs)
-        if not has_any:
-            return out
-        out = out if out.is_contiguous() else out.contiguous()
-        b = x.shape[0]
-        a_rows, b_rows = routing.row_factors(self, b, out.device, out.dtype)  # (b, r, k), (b, d, r)
-        x3 = x.reshape(b, -1, x.shape[-1]).to(out.dtype)                    # (b, L, k)
-        xa = torch.bmm(x3, a_rows.transpose(1, 2))                          # (b, L, r)
-        out.view(b, -1, out.shape[-1]).baddbmm_(xa, b_rows.transpose(1, 2))
-        return out
-
-
-def _linear(weight: Tensor) -> nn.Linear:
-    """An nn.Linear (no bias) around `weight` (out, in), without nn.Linear's own kaiming init:
-    the adapter's init (or a loader) fills it, so initialising twice would only cost time.
-    Built the way nn.Linear.__init__ leaves it, minus reset_parameters (inject makes 420 of these)."""
-    lin = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(lin)
-    lin.__dict__.update(in_features=weight.shape[1], out_features=weight.shape[0])
-    lin._parameters["weight"] = nn.Parameter(weight)
-    lin._parameters["bias"] = None
-    return lin
-
-
-def _lora_delta(x: Tensor, factors: list[Tensor], scales: tuple[float, ...], p: float,
-                dtype: torch.dtype) -> Tensor:
-    """Σ s_i B_i A_i dropout(x) as a new tensor (..., d); plain autograd."""
-    xd = F.dropout(x, p, True) if p > 0 else x
-    xd = xd.to(dtype)
-    out = None
-    for i, s in enumerate(scales):
-        a, b = factors[2 * i].to(dtype), factors[2 * i + 1].to(dtype)
-        term = F.linear(F.linear(xd, a), b) * s
-        out = term if out is None else out + term
-    return out
-
-
 class LoraEmbedding(LoraLayer):
     """LoRA around nn.Embedding: h = E[x] + s · (A.T[x]) Bᵀ. No dropout, as in PEFT."""
 
-    def _make_adapter(self, r, alpha, scaling, dropout) -> Adapter:
+    def _make_adapter(self, kind, r, alpha, scaling, dropout) -> Adapter:
         base = self.base_layer
-        ad = Adapter(r, alpha, scaling, 0.0)
+        ad = kind(r, alpha, scaling, 0.0)
         ad.lora_embedding_A = nn.Parameter(torch.empty(r, base.num_embeddings))  # (r, vocab)
         ad.lora_embedding_B = nn.Parameter(torch.empty(base.embedding_dim, r))   # (dim, r)
         return ad
@@ -365,33 +260,29 @@ class LoraEmbedding(LoraLayer):
         ad = self.adapters[name]
         return (ad.lora_embedding_B.float() @ ad.lora_embedding_A.float()).t() * ad.scaling  # (vocab, dim)
 
-    def _lora_forward(self, x: Tensor, names: list[str], *args, _delta_only: bool = False, **kwargs) -> Tensor:
-        if any(dora.is_dora(self.adapters[n]) for n in names):
-            return dora.forward(self, x, names, delta_only=_delta_only)
+    def lora_input(self, ad: Adapter, x: Tensor) -> Tensor:
+        return x                                                                 # token ids: no dropout
+
+    def branch(self, ad: Adapter, xd: Tensor) -> Tensor:
         base = self.base_layer
-        out = None if _delta_only else base(x)
-        for name in names:
-            ad = self.adapters[name]
-            after_a = F.embedding(x, ad.lora_embedding_A.t(), base.padding_idx, base.max_norm,
-                                  base.norm_type, base.scale_grad_by_freq, base.sparse)  # (..., r)
-            term = (after_a @ ad.lora_embedding_B.t()) * ad.scaling
-            out = term if out is None else out + term.to(out.dtype)
-        return out
+        after_a = F.embedding(xd, ad.lora_embedding_A.t(), base.padding_idx, base.max_norm,
+                              base.norm_type, base.scale_grad_by_freq, base.sparse)  # (..., r)
+        return (after_a @ ad.lora_embedding_B.t()) * ad.scaling                  # (..., dim)
 
 
 class LoraConv(LoraLayer):
     """LoRA around nn.Conv1d/2d/3d: A is a conv with the base kernel, B a 1×1 conv."""
 
-    def __init__(self, base_layer: nn.Module, state: LoraState) -> None:
+    def __init__(self, base_layer: nn.Module, state: LoraState, name: str = "") -> None:
         if base_layer.groups != 1:
             raise ValueError(f"LoRA on a grouped convolution (groups={base_layer.groups}) is not supported; "
                              f"exclude this module with exclude_modules")
-        super().__init__(base_layer, state)
+        super().__init__(base_layer, state, name)
 
-    def _make_adapter(self, r, alpha, scaling, dropout) -> Adapter:
+    def _make_adapter(self, kind, r, alpha, scaling, dropout) -> Adapter:
         base = self.base_layer
         conv = type(base)
-        ad = Adapter(r, alpha, scaling, dropout)
+        ad = kind(r, alpha, scaling, dropout)
         ad.lora_A = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False)
         ad.lora_B = conv(r, base.out_channels, (1,) * len(base.kernel_size), bias=False)
         return ad
@@ -401,71 +292,3 @@ class LoraConv(LoraLayer):
         a, b = ad.lora_A.weight.float(), ad.lora_B.weight.float()   # (r, in, *k), (out, r, 1...)
         delta = (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])  # (out, in, *k)
         return delta * ad.scaling
-
-    def _lora_forward(self, x: Tensor, names: list[str], *args, _delta_only: bool = False, **kwargs) -> Tensor:
-        if any(dora.is_dora(self.adapters[n]) for n in names):
-            return dora.forward(self, x, names, delta_only=_delta_only)
-        out = None if _delta_only else self.base_layer(x)
-        for name in names:
-            ad = self.adapters[name]
-            xd = F.dropout(x, ad.dropout, True) if self.training and ad.dropout > 0 else x
-            term = ad.lora_B(ad.lora_A(xd.to(ad.lora_A.weight.dtype))) * ad.scaling
-            out = term if out is None else out + term.to(out.dtype)
-        return out
-
-
-class ModulesToSave(nn.Module):
-    """A trainable full copy of a module per adapter (e.g. a classifier head); the original stays."""
-
-    def __init__(self, original_module: nn.Module, state: LoraState) -> None:
-        super().__init__()
-        self.original_module = original_module
-        self.modules_to_save = nn.ModuleDict()
-        object.__setattr__(self, "state", state)
-
-    def add_adapter(self, name: str) -> None:
-        import copy
-
-        copy_ = copy.deepcopy(self.original_module)
-        copy_.requires_grad_(True)
-        self.modules_to_save[name] = copy_
-
-    def _active_copy(self) -> nn.Module:
-        st = self.state
-        names = [n for n in st.active if n in self.modules_to_save]
-        if st.disabled or not names:
-            return self.original_module
-        if len(names) > 1:
-            raise ValueError(f"adapters {names} each have their own copy of this module (modules_to_save); "
-                             f"activate only one of them")
-        return self.modules_to_save[names[0]]
-
-    def forward(self, x: Tensor, *args, **kwargs):
-        st = self.state
-        if st.routing is None or st.disabled:
-            return self._active_copy()(x, *args, **kwargs)
-        out = self.original_module(x, *args, **kwargs)
-        for name, rows in st.routing.groups(x.shape[0], x.device):
-            if name in self.modules_to_save:
-                out = out.index_copy(0, rows, self.modules_to_save[name](x[rows], *args, **kwargs).to(out.dtype))
-        return out
-
-
-def make_lora_layer(module: nn.Module, state: LoraState, name: str) -> LoraLayer:
-    """Wrap one base module in the right LoRA layer, or say why it cannot be adapted."""
-    if isinstance(module, nn.Embedding):
-        layer = LoraEmbedding(module, state)
-    elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        layer = LoraConv(module, state)
-    elif isinstance(module, nn.Linear) or (Conv1D and isinstance(module, Conv1D)) or _is_quantized_linear(module):
-        layer = LoraLinear(module, state)
-    else:
-        raise TypeError(f"module {name!r} is a {type(module).__name__}; LoRA supports nn.Linear, nn.Embedding, "
-                        f"nn.Conv1d/2d/3d, transformers' Conv1D and bitsandbytes Linear4bit. "
-                        f"Narrow target_modules so it matches only supported layers")
-    object.__setattr__(layer, "_lorakit_name", name)
-    return layer
-
-
-def _is_quantized_linear(module: nn.Module) -> bool:
-    return type(module).__name__ in ("Linear4bit", "Linear8bitLt") and hasattr(module, "in_features")

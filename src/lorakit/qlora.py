@@ -26,6 +26,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from .bases import is_4bit
+
 
 def quantization_config(compute_dtype: torch.dtype | None = None):
     """transformers' BitsAndBytesConfig for an NF4 base with double quantization.
@@ -43,11 +45,6 @@ def quantization_config(compute_dtype: torch.dtype | None = None):
         compute_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype)
-
-
-def is_4bit(module: nn.Module) -> bool:
-    """True for a bitsandbytes Linear4bit (checked by name: bitsandbytes is optional)."""
-    return type(module).__name__ == "Linear4bit" and type(module.weight).__name__ == "Params4bit"
 
 
 def _standard_layout(weight: Tensor) -> tuple[Tensor, object]:

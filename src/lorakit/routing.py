@@ -1,78 +1,125 @@
-"""Per-row adapter routing: row i of a batch uses adapter names[i] (None = the base model).
+"""Per-row adapter routing: row j of a batch uses adapter names[j] (None = the base model).
 
-The names become index tensors once per batch shape and device, then every LoRA layer reuses
-them: no layer turns strings into indices on its own, and no layer loops over rows. A linear
-layer's per-row factors are gathered once per routing too (`row_factors`), so each forward is
-two batched matmuls, in prefill and in every decoding step alike.
+`per_row` builds one `Routing` when its block is entered, and forward only reads it:
+
+- the names become index tensors once (one per adapter present, on each device the model's
+  LoRA modules sit on): no layer turns strings into indices, and no layer loops over rows;
+- every LoRA linear gets its `LinearPlan`: row j's A and s·B gathered from the layer's stack of
+  adapters (`adapter_stack`), so its forward is two batched matmuls (`kernels.per_row_linear`),
+  in the prefill and in every decoding step alike.
+
+A batch of n·m rows (generate() with num_beams / num_return_sequences repeats each of the n rows
+m times, consecutively) is read as n groups of m rows, so the same indices and factors serve it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from .linear import LoraLinear
 
 
-@dataclass
+@dataclass(frozen=True)
+class LinearPlan:
+    """How one LoRA linear serves a routing, decided when per_row is entered."""
+
+    batched: bool
+    """Every adapter of the routing on this layer adds s·B·A (no DoRA): two bmm's serve the batch."""
+    dropout: bool
+    """Some of them has dropout (in training mode, the per-adapter path draws the masks)."""
+    a: Tensor | None = None
+    """(n, r_max, k): row j's A, zeros for a None row or an adapter this layer lacks; None: no adapter here."""
+    b: Tensor | None = None
+    """(n, d, r_max): row j's s·B, zeros likewise."""
+
+
 class Routing:
-    names: list[str | None]
-    _cache: dict = field(default_factory=dict, repr=False)
+    """Which adapter each row uses, and what each LoRA module needs for it, built once.
 
-    def __post_init__(self) -> None:
+    Args:
+        names: one adapter name (or None) per batch row.
+        modules: the model's LoRA layers and ModulesToSave wrappers (`state.wrapped_modules`).
+    """
+
+    def __init__(self, names: list[str | None], modules: Iterable[nn.Module] = ()) -> None:
+        self.names = list(names)
         self.adapters: list[str] = sorted({n for n in self.names if n is not None})
+        self._groups: dict[torch.device, list[tuple[str, Tensor]]] = {}
+        self._plans: dict[nn.Module, LinearPlan] = {}
+        for module in modules:
+            device = _device(module)
+            if device is not None and device not in self._groups:
+                self._groups[device] = self._index(device)
+            if isinstance(module, LoraLinear):
+                self._plans[module] = linear_plan(module, self.names, self.adapters)
 
-    def _rows(self, batch: int) -> list[str | None]:
+    def _index(self, device: torch.device) -> list[tuple[str, Tensor]]:
+        return [(a, torch.tensor([j for j, n in enumerate(self.names) if n == a], dtype=torch.long, device=device))
+                for a in self.adapters]
+
+    def check_batch(self, batch: int) -> int:
+        """n = len(names), after checking that a batch of this size is n rows, each repeated m times."""
         n = len(self.names)
-        if batch == n:
-            return self.names
-        if batch % n == 0:  # generate() with num_beams / num_return_sequences repeats each row
-            k = batch // n
-            return [name for name in self.names for _ in range(k)]
-        raise ValueError(f"per_row was given {n} adapter names but the batch has {batch} rows; "
-                         f"pass exactly one name (or None) per row")
+        if batch % n:
+            raise ValueError(f"per_row was given {n} adapter names but the batch has {batch} rows; "
+                             f"pass exactly one name (or None) per row")
+        return n
 
-    def groups(self, batch: int, device: torch.device) -> list[tuple[str, Tensor]]:
-        """[(adapter, row indices)] for the adapters present in a batch of this size."""
-        key = ("groups", batch, device)
-        if key not in self._cache:
-            rows = self._rows(batch)
-            self._cache[key] = [
-                (a, torch.tensor([i for i, n in enumerate(rows) if n == a], dtype=torch.long, device=device))
-                for a in self.adapters
-            ]
-        return self._cache[key]
+    def groups(self, device: torch.device) -> list[tuple[str, Tensor]]:
+        """[(adapter, indices into names)] for the adapters present, on `device`."""
+        found = self._groups.get(device)
+        return found if found is not None else self._index(device)  # a device per_row did not see: not kept
 
-    def row_index(self, batch: int, device: torch.device) -> Tensor:
-        """(batch,) index into self.adapters per row; len(self.adapters) marks a base-model row."""
-        key = ("index", batch, device)
-        if key not in self._cache:
-            slot = {a: i for i, a in enumerate(self.adapters)}
-            rows = self._rows(batch)
-            self._cache[key] = torch.tensor([slot[n] if n is not None else len(self.adapters) for n in rows],
-                                            dtype=torch.long, device=device)
-        return self._cache[key]
+    def plan(self, layer: nn.Module) -> LinearPlan | None:
+        """The layer's plan; None for a layer per_row did not prepare (it takes the per-adapter path)."""
+        return self._plans.get(layer)
 
-    def layer_cache(self, layer: object) -> dict:
-        """Scratch space for one layer during this routing (e.g. its stacked adapter weights)."""
-        return self._cache.setdefault(("layer", id(layer)), {})
+    # a batch of n·m rows is viewed as (n, m, ...), so indices into names select every repeat
+    def take(self, t: Tensor, rows: Tensor) -> Tensor:
+        """The rows of t (batch n·m) whose names `rows` selects: (len(rows)·m, ...)."""
+        return self._grouped(t).index_select(0, rows).flatten(0, 1)
 
-    def row_factors(self, layer, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Row i's A (batch, r, k) and s·B (batch, d, r) for `layer`, gathered once per routing.
+    def add(self, out: Tensor, rows: Tensor, values: Tensor) -> None:
+        """out[those rows] += values, in place (out must be contiguous)."""
+        self._grouped(out).index_add_(0, rows, values.reshape(len(rows), -1, *values.shape[1:]))
 
-        The gather reads the layer's stack of all its adapters (`adapter_stack`, kept across
-        routings), so a new batch costs one index_select per factor, or nothing when the rows
-        are the layer's adapters in order. Memory: batch · r · (k + d) per layer while the
-        routing lives (the `per_row` block), reused by every forward inside it.
-        """
-        cache = self.layer_cache(layer)
-        key = (batch, device, dtype)
-        if key not in cache:
-            cache[key] = gathered_factors(layer, self._rows(batch), device, dtype)
-        return cache[key]
+    def replace(self, out: Tensor, rows: Tensor, values: Tensor) -> Tensor:
+        """A copy of out with those rows replaced by values."""
+        grouped = self._grouped(out).index_copy(0, rows, values.reshape(len(rows), -1, *values.shape[1:]))
+        return grouped.flatten(0, 1)
+
+    def _grouped(self, t: Tensor) -> Tensor:
+        """t (n·m, ...) as (n, m, ...): a view when t is contiguous."""
+        return t.view(len(self.names), -1, *t.shape[1:]) if t.is_contiguous() else \
+            t.reshape(len(self.names), -1, *t.shape[1:])
 
 
-def gathered_factors(layer, rows: list[str | None], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _device(module: nn.Module) -> torch.device | None:
+    """Where a LoRA layer's base (a ModulesToSave's original) computes; None without parameters."""
+    inner = getattr(module, "base_layer", None)
+    inner = getattr(module, "original_module", module) if inner is None else inner
+    param = next(inner.parameters(), None)
+    return None if param is None else param.device
+
+
+def linear_plan(layer: LoraLinear, names: list[str | None], adapters: list[str]) -> LinearPlan:
+    """`layer`'s plan for rows `names`; the factors in the dtype its base outputs (its weight's, if float)."""
+    present = [layer.adapters[a] for a in adapters if a in layer.adapters]
+    batched, dropout = all(ad.additive for ad in present), any(ad.dropout > 0 for ad in present)
+    if not present or not batched:
+        return LinearPlan(batched, dropout)
+    w = layer.base_layer.weight
+    dtype = w.dtype if w.dtype.is_floating_point else present[0].lora_A.weight.dtype
+    a, b = gathered_factors(layer, names, w.device, dtype)
+    return LinearPlan(True, dropout, a, b)
+
+
+def gathered_factors(layer: LoraLinear, rows: list[str | None], device: torch.device,
+                     dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """A (len(rows), r_max, k) and s·B (len(rows), d, r_max): entry i for adapter rows[i], zeros for
     None and for an adapter the layer lacks."""
     names, a_all, b_all = adapter_stack(layer, device, dtype)
@@ -84,13 +131,14 @@ def gathered_factors(layer, rows: list[str | None], device: torch.device, dtype:
     return a_all.index_select(0, index), b_all.index_select(0, index)
 
 
-def adapter_stack(layer, device: torch.device, dtype: torch.dtype) -> tuple[tuple[str, ...], Tensor, Tensor]:
+def adapter_stack(layer: LoraLinear, device: torch.device, dtype: torch.dtype) -> tuple[tuple[str, ...], Tensor, Tensor]:
     """All of a LoraLinear's adapters as A (1 + n, r_max, k) and s·B (1 + n, d, r_max), entry 0 zeros.
 
     Kept on the layer and reused by every routing until an adapter changes: the key holds each
     factor's identity, storage and version counter (bumped by every in-place update: an
     optimizer step, a load, a merge's copy) and each scale, so a stale stack is never used.
     Costs one copy of the layer's adapters (in `dtype`, on `device`); one stack per layer is kept.
+    Built by `per_row` when its block is entered, never by a forward.
     """
     ads = layer.adapters
     key = tuple((n, ad.r, ad.scaling, *(t for w in (ad.lora_A.weight, ad.lora_B.weight)

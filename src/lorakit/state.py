@@ -3,7 +3,8 @@
 ``inject`` hangs one ``LoraState`` on the model (``model.__dict__["_lorakit_state"]``, not a
 submodule, so ``state_dict`` and ``save_pretrained`` never see it); every LoRA layer of that model
 holds the same object. It records each adapter's config and which adapters are in use; the named
-calls (``set_adapter``, ``disabled``, ``per_row``) edit it, and ``forward`` only reads it.
+calls (``set_adapter``, ``disabled``, ``per_row``, ``shared_dropout``) edit it, and ``forward`` only
+reads it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .layers import LoraLayer, ModulesToSave
+from .layers import LoraLayer
+from .modules_to_save import ModulesToSave
 
 if TYPE_CHECKING:
     from .config import LoraConfig
+    from .dropout import DropoutDraws
     from .routing import Routing
 
 STATE_KEY = "_lorakit_state"
@@ -34,6 +37,9 @@ class LoraState:
     """Inside `lorakit.disabled(model)`: every layer computes its base output only."""
     routing: Routing | None = None
     """Inside `lorakit.per_row(model, names)`: row i of a batch uses names[i]."""
+    dropout_draws: DropoutDraws | None = None
+    """Inside `lorakit.shared_dropout(model)`: the forward's dropout draws, one per input tensor, shared
+    by the LoRA linears that read it. None: every layer draws its own mask."""
 
 
 def get_state(model: nn.Module, create: bool = False) -> LoraState | None:

@@ -13,6 +13,8 @@ CAUSAL_LM, SEQ2SEQ, SEQ_CLS = "causal_lm", "seq2seq", "seq_cls"
 TASKS = (CAUSAL_LM, SEQ_CLS, SEQ2SEQ)
 PEFT_TASK_TYPE = {CAUSAL_LM: "CAUSAL_LM", SEQ_CLS: "SEQ_CLS", SEQ2SEQ: "SEQ_2_SEQ_LM"}
 TASK_OF_PEFT_TYPE = {v: k for k, v in PEFT_TASK_TYPE.items()}
+DESCRIPTION = {CAUSAL_LM: "causal LM", SEQ2SEQ: "seq2seq LM", SEQ_CLS: "sequence classifier"}
+SUPPORTED = "causal LMs (Llama, Qwen, GPT-2), seq2seq LMs (T5, BART) and sequence classifiers (BERT + a head)"
 
 # transformers class-name endings -> PEFT task_type (also the heads PEFT knows but lorakit does not train)
 _PEFT_TYPE_BY_CLASS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
@@ -37,7 +39,6 @@ def task_of_config(config: Any) -> str | None:
     return None
 
 
-def resolve_task(adapter_task_type: str | None = None, config: Any = None) -> str:
-    """The task to load a model for: the adapter's task_type first, then the model config, else causal_lm."""
-    return TASK_OF_PEFT_TYPE.get(adapter_task_type or "") or (task_of_config(config) if config is not None
-                                                              else None) or CAUSAL_LM
+def task_of_model(model: Any) -> str | None:
+    """The task a loaded model runs, from its class ("T5ForConditionalGeneration" -> "seq2seq")."""
+    return TASK_OF_PEFT_TYPE.get(peft_task_type(type(model).__name__) or "")

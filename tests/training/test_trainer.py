@@ -185,3 +185,20 @@ def test_eval_max_rows_limits_evaluation(tmp_path, tok):
     evald = write_chat(tmp_path / "eval.jsonl", n=8, seed=5)
     t = make(tmp_path, tok, eval_dataset=[evald], eval_max_rows=3)
     assert len(t.eval_data) == 3 and "eval_loss" in t.evaluate()
+
+
+def test_each_micro_batch_runs_inside_its_own_shared_dropout(tmp_path, tok, monkeypatch):
+    """accumulate() wraps every micro-batch's forward and backward in lorakit.shared_dropout."""
+    from lorakit.state import require_state
+
+    monkeypatch.setattr("lorakit.training.loss.shared_prefix", lambda batch: 0)  # one forward per micro-batch
+    t = make(tmp_path, tok, lora_dropout=0.1)
+    attn = t.model.model.layers[0].self_attn
+    seen = []
+    for name in ("q_proj", "k_proj", "v_proj"):
+        getattr(attn, name).register_forward_hook(lambda m, args, out: seen.append(m.state.dropout_draws))
+    t.accumulate([[0, 1], [2, 3]])
+    assert len(seen) == 6 and all(d is not None for d in seen)
+    assert seen[0] is seen[1] is seen[2] and seen[3] is seen[4] is seen[5]   # one set of draws per micro-batch
+    assert seen[0] is not seen[3]
+    assert require_state(t.model).dropout_draws is None                       # and none after

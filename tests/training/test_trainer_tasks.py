@@ -1,18 +1,15 @@
 """Training beyond causal LM, and the run-level features: classification, seq2seq, continuing an
-adapter, Ctrl-C, bf16, gradient checkpointing, the `lorakit sft` command line, the real model."""
+adapter, Ctrl-C, bf16, gradient checkpointing (the `lorakit sft` command line: tests/cli/test_sft.py)."""
 
 import json
 
 import pytest
 import torch
-import yaml
-from tiny import byte_tokenizer, make, tiny_model, write_chat
+from tiny import byte_tokenizer, make, tiny_model
 from tiny import minilm_dir, tiny_t5
 
 import lorakit
-from lorakit.cli import build_parser, main
 from lorakit.training.trainer import TrainConfig, Trainer
-from lorakit.cli.sft import config_from_args
 
 
 @pytest.fixture
@@ -115,62 +112,3 @@ def test_bf16_autocast_and_gradient_checkpointing_agree_with_fp32(tmp_path, tok)
     ref_flat = torch.cat([want[n].flatten() for n, p in bf16.model.named_parameters() if p.grad is not None])
     assert torch.isfinite(got).all()
     assert torch.nn.functional.cosine_similarity(got, ref_flat, dim=0) > 0.98
-
-
-def parse(argv):
-    return build_parser().parse_args(argv)
-
-
-def test_cli_accepts_ms_swift_spellings_and_yaml(tmp_path):
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"dataset": ["a.jsonl"], "lora_rank": 4, "learning-rate": 3e-4, "max_steps": 7}))
-    args = parse(["sft", "--config", str(cfg), "--lora_rank", "16", "--output_dir", "out", "--grad-accum", "2",
-                  "--dataset", "b.jsonl", "--resume"])
-    tc = config_from_args(args)
-    assert tc.lora_rank == 16            # the flag beats the YAML
-    assert tc.learning_rate == 3e-4      # the YAML beats the default
-    assert tc.max_steps == 7 and tc.output_dir == "out" and tc.grad_accum == 2 and tc.resume is True
-    assert tc.dataset == ["b.jsonl"]
-
-
-def test_cli_errors_name_the_flag(tmp_path, capsys):
-    data = write_chat(tmp_path / "d.jsonl")
-    assert main(["sft", "--dataset", data, "--lora-rank", "0"]) == 2
-    assert "--lora-rank must be positive" in capsys.readouterr().err
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("lora_rnak: 8\n")
-    assert main(["sft", "--config", str(bad), "--dataset", data]) == 2
-    assert "unknown key 'lora_rnak'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        parse(["sft", "--lora-rank", "abc"])
-    assert "--lora-rank" in capsys.readouterr().err
-
-
-def test_cli_bad_dataset_row_names_file_line_and_keys(tmp_path, capsys):
-    data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"question": "x", "answer": "y"}) + "\n")
-    assert main(["sft", "--dataset", str(data), "--dry-run"]) == 2
-    err = capsys.readouterr().err
-    assert "d.jsonl line 1" in err and "question" in err and "answer" in err
-
-
-def test_sft_help_is_readable(capsys):
-    with pytest.raises(SystemExit):
-        main(["sft", "--help"])
-    out = capsys.readouterr().out
-    for flag in ("--model", "--dataset", "--eval-dataset", "--output-dir", "--lora-rank", "--lora-alpha",
-                 "--lora-dropout", "--target-modules", "--train-type", "--epochs", "--max-steps", "--learning-rate",
-                 "--batch-size", "--grad-accum", "--max-length", "--warmup-ratio", "--lr-scheduler", "--save-steps",
-                 "--eval-steps", "--logging-steps", "--seed", "--resume", "--adapter", "--dry-run", "--config"):
-        assert flag in out, flag
-
-
-@pytest.mark.slow
-def test_embedded_model_trains_a_few_steps(tmp_path):
-    data = write_chat(tmp_path / "d.jsonl", n=8)
-    assert main(["sft", "--dataset", data, "--max-steps", "2", "--batch-size", "2", "--lora-rank", "4",
-                 "--max-length", "64", "--output-dir", str(tmp_path / "run")]) == 0
-    for f in ("adapter_model.safetensors", "adapter_config.json", "loss.png", "run.yaml", "report.md"):
-        assert (tmp_path / "run" / f).is_file()
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)

@@ -1,4 +1,8 @@
-"""`lorakit analyze`: what a LoRA config costs on a model (parameters, FLOPs, memory), before training."""
+"""`lorakit analyze`: what a LoRA config costs on a model (parameters, FLOPs, memory), before training.
+
+The LoRA flags are `lorakit sft`'s own (same names, help and defaults), so `analyze` with the
+flags of a planned `sft` run describes that run.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +13,23 @@ from typing import Any
 
 from ..analysis import DTYPE_BYTES, analyze, plot
 from ..analysis import __doc__ as ANALYSIS_DOC
-from ..config import LoraConfig
-from .flags import add_flag, parse_targets
+from ..training.config import CHOICES, TrainConfig, lora_config_of
+from .flags import add_config_flags, add_flag, defaults_of, settle
+from .sft import ALIASES, CONVERTERS, LORA_FLAGS
+
+COUNTED = ("lora", "dora")  # train types whose adapter analyze counts exactly
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "analyze", help="parameter, FLOP and memory cost of a LoRA config on a model (no weights loaded)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, description=ANALYSIS_DOC,
+        description=ANALYSIS_DOC,
         epilog="examples:\n  lorakit analyze --lora-rank 16 --target-modules all-linear\n  lorakit analyze "
-               "--model path/to/config.json --lora-rank 8 --target-modules q_proj,v_proj --plot r.png")
+               "--model path/to/config.json --lora-rank 8 --target-modules q_proj v_proj --plot r.png")
     add_flag(p, "--model", metavar="M", default="smollm2-135m-instruct",
              help="model name, local Hugging Face directory or config.json (default: %(default)s)")
-    add_flag(p, "--lora-rank", metavar="R", type=int, default=8, help="LoRA rank r (default: %(default)s)")
-    add_flag(p, "--lora-alpha", metavar="ALPHA", type=float, help="LoRA alpha (default: 2 × rank; no effect on counts)")
-    add_flag(p, "--target-modules", metavar="NAMES", nargs="+", default=["all-linear"],
-             help="module-name suffixes (q_proj,v_proj or q_proj v_proj), one regex, or all-linear (default)")
-    add_flag(p, "--use-dora", action="store_true", help="count DoRA's magnitude vectors too")
+    add_config_flags(p.add_argument_group("LoRA (the same flags as lorakit sft)"), TrainConfig, LORA_FLAGS, ALIASES,
+                     CHOICES, CONVERTERS)
     add_flag(p, "--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES), help="training dtype (default: %(default)s)")
     add_flag(p, "--batch-size", metavar="N", type=int, default=4,
              help="batch size for the activation estimate (default: %(default)s)")
@@ -37,9 +41,13 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = LoraConfig(r=args.lora_rank, alpha=args.lora_alpha or 2 * args.lora_rank,
-                     target_modules=parse_targets(args.target_modules), use_dora=args.use_dora)
-    rep = analyze(args.model, cfg, dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length)
+    lora = {**defaults_of(TrainConfig), **settle(args, defaults_of(TrainConfig, LORA_FLAGS))}
+    if lora["train_type"] not in COUNTED:
+        raise ValueError(f"analyze counts {' and '.join(COUNTED)} adapters, not --train-type {lora['train_type']}: "
+                         f"a qlora adapter is a lora adapter over a 4-bit base (pass lora), and adalora's ranks "
+                         f"change while it trains")
+    rep = analyze(args.model, lora_config_of(lora), dtype=args.dtype, batch_size=args.batch_size,
+                  max_length=args.max_length)
     if args.plot:
         plot(rep, args.plot)
     print(json.dumps(rep.to_dict(), indent=2) if args.json else str(rep))

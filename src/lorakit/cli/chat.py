@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..generation import Sampling, generate
+from ..adapters import using
+from ..generation import generate
+from ..tasks import SEQ_CLS, task_of_model
 from .flags import add_inference_flags, settle_inference
 from .loading import load_for_inference, parse_adapters
 
@@ -17,15 +19,16 @@ def run(args: argparse.Namespace, stdin=None) -> int:
     """An interactive chat; `/adapter NAME` switches, `/base` uses no adapter, `/reset` clears, `/exit` quits."""
     from transformers import TextStreamer
 
-    settle_inference(args)
+    sampling = settle_inference(args)
     stdin = stdin or sys.stdin
-    adapters = parse_adapters(args.adapter or [])
+    adapters = parse_adapters(args.adapter)
     model, tokenizer = load_for_inference(args.model, adapters, merge=args.merge)
+    if task_of_model(model) == SEQ_CLS:
+        raise ValueError(f"{type(model).__name__} is a sequence classifier; lorakit chat runs causal and seq2seq "
+                         f"LMs. Label text with `lorakit generate --prompt TEXT` instead")
     current = next(iter(adapters), None)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        seed=args.seed)
     print(f"lorakit chat — adapters: {list(adapters) or 'none'}; commands: /adapter NAME, /base, /reset, /exit")
     while True:
         print(f"[{current or 'base'}] you> ", end="", flush=True)
@@ -37,10 +40,12 @@ def run(args: argparse.Namespace, stdin=None) -> int:
             name = text.split(maxsplit=1)[1] if " " in text else ""
             if args.merge:
                 print("adapters are merged (--merge); switching needs an unmerged model")
-            elif name not in adapters:
-                print(f"unknown adapter {name!r}; loaded: {list(adapters)}")
             else:
-                current = name
+                try:
+                    with using(model, name):  # the core names an unknown adapter and lists the loaded ones
+                        current = name
+                except ValueError as e:
+                    print(e)
             continue
         if text == "/base":
             current = None
@@ -62,4 +67,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Interactive terminal chat that streams tokens. Commands: /adapter NAME, "
                                    "/base, /reset, /exit.")
     add_inference_flags(c)
+    c.usage = "%(prog)s [--adapter DIR ...] [flags]"
     c.set_defaults(func=run)

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from ..io import atomic_dir, check_dir_free, load_adapter, read_adapter_config, resolve_adapter_dir, save_adapter
 from ..merge import combine
-from ..models import load_model
-from ..tasks import resolve_task
+from ..models import load_model, model_task
 from .flags import add_flag
 from .loading import parse_adapters
 
@@ -26,7 +25,8 @@ def combine_adapters(model_name: str | None, adapter_dirs: list[str], weights: l
     if len(bases) > 1 and model_name is None:
         raise ValueError(f"the adapters were made for different base models {sorted(bases)}; "
                          f"they cannot be combined (pass --model to override if the bases are the same weights)")
-    model = load_model(model_name or next(iter(bases), None), task=resolve_task(next(iter(cfgs.values())).task_type))
+    base = model_name or next(iter(bases), None)
+    model = load_model(base, task=model_task(base, next(iter(cfgs.values())).task_type))
     for name, path in adapters.items():
         load_adapter(model, path, name=name)
     combine(model, list(adapters), weights, name="combined", method=method, rank=rank)

@@ -14,6 +14,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("data", help="show how rows are tokenised and which tokens are trained",
+                       usage="%(prog)s --dataset FILE [flags]",
                        description="Same flags as `lorakit sft`; prints a few tokenised rows and dataset stats.")
     add_train_flags(d)
     d.set_defaults(func=run)

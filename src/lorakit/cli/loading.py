@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from .. import adapters as ad
 from ..io import WEIGHTS_NAME, load_adapter, read_adapter_config, read_safetensors, resolve_adapter_dir
 from ..merge import merge_and_unload
-from ..models import load_model_and_tokenizer
-from ..tasks import SEQ_CLS, resolve_task
+from ..models import load_model_and_tokenizer, model_task
+from ..tasks import SEQ_CLS
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:
@@ -35,23 +36,36 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
 def load_base(model_name: str | None, adapters: dict[str, str], tokenizer_optional: bool = False):
     """(model, tokenizer) for the adapters' base: `model_name`, else the first adapter's base model.
 
-    A classification adapter's head size decides num_labels.
+    The model class follows the task: the adapters' PEFT task_type, else the model's config.json
+    (`models.model_task`; a model of no task lorakit runs gets one sentence saying so). A
+    classifier's head size comes from the adapter, its class names from the run.yaml beside it.
     """
-    first_cfg = None
-    if adapters:
+    configs = {name: read_adapter_config(resolve_adapter_dir(path, name)) for name, path in adapters.items()}
+    tasks = {name: cfg.task_type for name, cfg in configs.items()}
+    if len(set(tasks.values())) > 1:
+        raise ValueError(f"the adapters are for different tasks ({tasks}); load them in separate commands")
+    first = next(iter(configs.values()), None)
+    base = model_name or (first.base_model_name_or_path if first else None)
+    task = model_task(base, first.task_type if first else None)
+    labels: dict = {}
+    if task == SEQ_CLS and adapters:
         name, path = next(iter(adapters.items()))
-        first_cfg = read_adapter_config(resolve_adapter_dir(path, name))
-    base = model_name or (first_cfg.base_model_name_or_path if first_cfg else None)
-    task = resolve_task(first_cfg.task_type if first_cfg else None)
-    num_labels = _head_size(next(iter(adapters.values()))) if task == SEQ_CLS else None
-    return load_model_and_tokenizer(base, task=task, num_labels=num_labels, tokenizer_optional=tokenizer_optional)
+        labels = class_names(resolve_adapter_dir(path, name))
+    return load_model_and_tokenizer(base, task=task, tokenizer_optional=tokenizer_optional, **labels)
 
 
-def _head_size(adapter_dir: str) -> int | None:
+def class_names(adapter_dir: Path) -> dict:
+    """num_labels (the adapter's head size) and id2label (from the training run's run.yaml, if beside it)."""
     tensors = read_safetensors(Path(adapter_dir) / WEIGHTS_NAME)
     head = next((t for k, t in tensors.items()
                  if k.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight"))), None)
-    return head.shape[0] if head is not None else None
+    out: dict = {"num_labels": head.shape[0]} if head is not None else {}
+    run_yaml = Path(adapter_dir) / "run.yaml"
+    if run_yaml.is_file():
+        id2label = ((yaml.safe_load(run_yaml.read_text()) or {}).get("resolved") or {}).get("id2label")
+        if isinstance(id2label, dict) and id2label:
+            out["id2label"] = {int(k): str(v) for k, v in id2label.items()}
+    return out
 
 
 def load_for_inference(model_name: str | None, adapters: dict[str, str], merge: bool = False) -> tuple[nn.Module, object]:

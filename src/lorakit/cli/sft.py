@@ -1,123 +1,115 @@
-"""`lorakit sft`: flags built from TrainConfig's fields, plus `--config run.yaml`.
+"""`lorakit sft`: one flag per TrainConfig field (its docstring is the help), plus `--config run.yaml`.
 
-Precedence: flags given on the command line > keys in --config > TrainConfig defaults.
-Every flag takes its kebab-case name (`--lora-rank`) and ms-swift's snake_case one (`--lora_rank`).
+Precedence (`flags.settle`): flags typed on the command line > keys in --config > TrainConfig defaults.
+Every flag takes its kebab-case name (`--lora-rank`), its snake_case one (`--lora_rank`) and the
+names ms-swift 4 gives it (`ALIASES`); values in other tools' spellings are read as lorakit's
+(`SPELLINGS`), and what makes no sense here is refused with the reason (`REFUSED`, `REFUSED_FLAGS`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shlex
 import subprocess
 import sys
-import typing
-from pathlib import Path
+from collections.abc import Callable
 
-import yaml
+from ..training.config import CHOICES, TrainConfig
+from .flags import add_config_flags, add_flag, defaults_of, settle
 
-from .flags import add_flag
-from ..training.trainer import TrainConfig
-
-HELP = {
-    "dataset": "training data file (JSONL/JSON/CSV/Parquet); repeat the flag for several files",
-    "eval_dataset": "held-out data file for evaluation; repeatable",
-    "model": "base model: 'smollm2-135m-instruct' (embedded), a local Hugging Face folder, or a hub id",
-    "output_dir": "where the adapter, checkpoints/, metrics.jsonl, loss.png, run.yaml and report.md go",
-    "task": "causal_lm | seq_cls | seq2seq | auto (decided from the first row's shape)",
-    "train_type": "lora | dora | qlora (4-bit NF4 quantized base, needs bitsandbytes) | adalora (rank "
-                  "--lora-rank shrinking to half of it on average, allocated by importance)",
-    "lora_rank": "LoRA rank r", "lora_alpha": "LoRA alpha; the update is scaled by alpha / r",
-    "lora_dropout": "dropout on the LoRA branch input", "target_modules":
-    "modules to adapt: comma-separated name suffixes (q_proj,v_proj), one regex, or all-linear",
-    "adapter": "continue training this existing adapter directory",
-    "resume": "continue exactly from the newest checkpoint in --output-dir",
-    "dry_run": "print a few tokenised rows with the trained tokens highlighted, then exit",
-    "config": "YAML file whose keys are these flags' names (run.yaml of an earlier run works)",
-    "loraplus_lr_ratio": "LoRA+: B matrices learn at learning-rate x this ratio (e.g. 16)",
-    "max_steps": "number of optimizer steps; -1 means use --epochs",
-    "precision": "auto (bf16 on a bf16 GPU, fp16 on an older one, fp32 on CPU) | fp32 | bf16 (the frozen base "
-                 "kept in bf16, LoRA weights, grads and optimizer in fp32; fast only where the hardware has bf16 "
-                 "units, e.g. CPU flags avx512_bf16 / amx_bf16) | fp16 (CUDA)",
-    "packing": "concatenate each batch's rows into one sequence without padding (llama-family causal LMs; "
-               "other models train on padded batches)",
-    "batch_size": "rows per micro-batch in each process (N processes train on global batches of N x this)",
-    "distributed": "auto | ddp | fsdp: how several processes share the work; auto is ddp when there are several "
-                   "(fsdp also shards the frozen base, one decoder block at a time)",
-    "dist_backend": "auto | gloo | nccl: torch.distributed backend; auto is nccl with GPUs, else gloo (CPU)",
-    "nproc": "processes on this node: N > 1 relaunches this command as `torchrun --nproc-per-node N -m lorakit sft`",
-    "nnodes": "torchrun --nnodes: how many nodes (or MIN:MAX); more than 1 needs --rdzv-endpoint",
-    "rdzv_backend": "torchrun --rdzv-backend (with --rdzv-endpoint)",
-    "rdzv_endpoint": "torchrun --rdzv-endpoint HOST:PORT: where the nodes meet (a host every node can reach)",
-    "rdzv_id": "torchrun --rdzv-id: one id per job, the same on every node",
+ALIASES = {  # other names of a flag (ms-swift 4's among them), shown on the flag's help line
+    "lora_rank": ["--rank", "-r"], "learning_rate": ["--lr"], "dataset": ["--train-file"],
+    "epochs": ["--num-train-epochs", "--num_train_epochs"],
+    "batch_size": ["--per-device-train-batch-size", "--per_device_train_batch_size"],
+    "grad_accum": ["--gradient-accumulation-steps", "--gradient_accumulation_steps"],
+    "eval_dataset": ["--val-dataset", "--val_dataset"],
+    "train_type": ["--tuner-type", "--tuner_type"],
+    "lr_scheduler": ["--lr-scheduler-type", "--lr_scheduler_type"],
+    "precision": ["--torch-dtype", "--torch_dtype"],
+    "nproc": ["--nproc-per-node", "--nproc_per_node"],
 }
-ALIASES = {"lora_rank": ["--rank", "-r"], "learning_rate": ["--lr"], "epochs": ["--num-train-epochs", "--num_train_epochs"],
-           "batch_size": ["--per-device-train-batch-size", "--per_device_train_batch_size"],
-           "grad_accum": ["--gradient-accumulation-steps", "--gradient_accumulation_steps"],
-           "dataset": ["--train-file"], "eval_dataset": ["--val-dataset", "--val_dataset"],
-           "nproc": ["--nproc-per-node", "--nproc_per_node"]}
+SPELLINGS = {  # values other tools use -> lorakit's
+    "precision": {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"},
+    "lr_scheduler": {"constant_with_warmup": "constant"},
+}
+REFUSED = {  # values lorakit does not take, and why
+    "train_type": {"full": "full fine-tuning trains every weight; lorakit trains adapters only"},
+    "save_strategy": {"epoch": "lorakit checkpoints every --save-steps optimizer steps (and at the end); pass "
+                               "--save-steps N instead",
+                      "best": "lorakit does not pick checkpoints by a metric; it keeps the newest --save-total-limit"},
+}
+WHY_NOT = {  # the reason for any other value outside the choices
+    "train_type": "an ms-swift tuner lorakit does not implement",
+    "lr_scheduler": "a transformers schedule lorakit does not implement",
+}
+REFUSED_FLAGS = {  # ms-swift flags that make no sense here
+    "--model_type": "lorakit reads the model's type from its config.json; drop the flag",
+    "--template": "lorakit formats chat rows with the tokenizer's own chat template (--system adds a system prompt)",
+    "--quant_bits": "lorakit quantizes the base only to 4-bit NF4, with --train-type qlora",
+    "--deepspeed": "lorakit scales out with torchrun and PyTorch's DDP/FSDP, not DeepSpeed",
+}
+SAVE_STRATEGIES = ("steps", "no")
+GROUPS = {  # the sections of `lorakit sft --help`; fields not listed go under "other settings"
+    "data and model": ("model", "dataset", "eval_dataset", "output_dir", "task", "max_length", "system",
+                       "num_labels", "adapter", "dry_run"),
+    "LoRA": ("train_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init"),
+    "optimization": ("epochs", "max_steps", "learning_rate", "loraplus_lr_ratio", "weight_decay", "batch_size",
+                     "grad_accum", "warmup_ratio", "warmup_steps", "lr_scheduler", "max_grad_norm", "precision",
+                     "gradient_checkpointing", "seed"),
+    "checkpoints, evaluation and logs": ("save_steps", "save_total_limit", "eval_steps", "eval_metric",
+                                         "eval_max_new_tokens", "eval_max_rows", "logging_steps", "resume"),
+    "several processes (torchrun)": ("nproc", "distributed", "dist_backend", "nnodes", "rdzv_backend",
+                                     "rdzv_endpoint", "rdzv_id"),
+}
+LORA_FLAGS = GROUPS["LoRA"][:5]  # the LoRA flags `lorakit analyze` shares
 
 
-def _parse_bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+def choice(name: str, allowed: tuple[str, ...]) -> Callable[[str], str]:
+    """A flag's value converter: other tools' spellings become lorakit's; the rest is refused, saying why."""
+    def convert(text: str) -> str:
+        value = SPELLINGS.get(name, {}).get(text.lower(), text)
+        if value in allowed:
+            return value
+        why = REFUSED.get(name, {}).get(text)
+        why = why or (f"{text!r} is {WHY_NOT[name]}" if name in WHY_NOT else f"got {text!r}")
+        raise argparse.ArgumentTypeError(f"{why}; choose one of {', '.join(allowed)}")
+    return convert
 
 
-def _optional(tp):
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args else tp
+CONVERTERS = {name: choice(name, allowed) for name, allowed in CHOICES.items()}
+
+
+class _Refused(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string} is not supported: {REFUSED_FLAGS[self.option_strings[0]]}")
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        tp = _optional(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = HELP.get(f.name, f.name.replace("_", " ")) + (f" (default: {default})" if default not in ([], None) else "")
-        kwargs: dict = {"dest": f.name, "help": help_, "default": argparse.SUPPRESS}
-        if tp is bool:
-            kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
-        elif typing.get_origin(tp) is list:
-            kwargs.update(action="extend", nargs="+", type=str, metavar="FILE")
-        else:
-            kwargs.update(type=tp, metavar=f.name.split("_")[-1].upper())
-        add_flag(parser, flag, **kwargs)
-        for alias in ALIASES.get(f.name, []):
-            parser.add_argument(alias, **{k: v for k, v in kwargs.items()})
-    add_flag(parser, "--config", dest="config", default=None, metavar="YAML", help=HELP["config"])
-    add_flag(parser, "--debug", dest="debug", action="store_true", help="show full tracebacks")
+    """Every TrainConfig field as a flag, in help sections; then --config, --save-strategy, --debug."""
+    grouped = {name for names in GROUPS.values() for name in names}
+    rest = tuple(name for name in defaults_of(TrainConfig) if name not in grouped)
+    for title, names in [*GROUPS.items(), ("other settings", rest)]:
+        if names:
+            add_config_flags(parser.add_argument_group(title), TrainConfig, names, ALIASES, CHOICES, CONVERTERS)
+    run = parser.add_argument_group("this command")
+    add_flag(run, "--config", dest="config", default=None, metavar="YAML",
+             help="YAML file whose keys are these flags' names (an earlier run's run.yaml works); "
+                  "flags typed on the command line win over it")
+    add_flag(run, "--save-strategy", dest="save_strategy", default=argparse.SUPPRESS, metavar="S",
+             type=choice("save_strategy", SAVE_STRATEGIES),
+             help="ms-swift's checkpoint policy: steps (every --save-steps) or no (only at the end)")
+    add_flag(run, "--debug", dest="debug", action="store_true", help="show full tracebacks on errors")
+    for flag in REFUSED_FLAGS:
+        parser.add_argument(flag, flag.replace("_", "-"), nargs="?", action=_Refused, help=argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Merge --config YAML and explicit flags into a validated TrainConfig."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values: dict = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {path}: file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"--config {path}: not valid YAML ({e})") from e
-        if not isinstance(loaded, dict):
-            raise ValueError(f"--config {path}: expected a mapping of flag names to values")
-        loaded.pop("resolved", None)  # the summary block a run writes into its run.yaml
-        for key, value in loaded.items():
-            name = key.replace("-", "_")
-            if name not in names:
-                raise ValueError(f"--config {path}: unknown key {key!r}; keys are the `lorakit sft` flag names, "
-                                 f"e.g. lora_rank, learning_rate, dataset")
-            values[name] = value
-    for name in names:
-        if hasattr(args, name):
-            values[name] = getattr(args, name)
+    """The flags and --config YAML (`flags.settle`) as a validated TrainConfig."""
+    values = settle(args, {**defaults_of(TrainConfig), "save_strategy": "steps"})
+    if values.pop("save_strategy") == "no":
+        if values["save_steps"]:
+            raise ValueError(f"--save-strategy no saves only at the end; drop --save-steps {values['save_steps']}")
     return TrainConfig(**values)
 
 
@@ -136,7 +128,7 @@ def torchrun_command(cfg: TrainConfig, args: argparse.Namespace) -> list[str]:
                          f"node can reach (e.g. the first node's name and 29500)")
     flags = []
     for name, value in vars(args).items():
-        if name in _LAUNCHER or value is None or (name == "debug" and not value):
+        if name in _LAUNCHER or name.startswith("_") or value is None or (name == "debug" and not value):
             continue  # torchrun's options stay with torchrun (an abbreviation like --nproc would confuse it)
         flag = "--" + name.replace("_", "-")
         for v in value if isinstance(value, list) else [value]:
@@ -160,9 +152,9 @@ def run_sft(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sft", help="fine-tune a model with LoRA on your data",
-                       description="Supervised fine-tuning with LoRA. Example:\n  lorakit sft --dataset data.jsonl "
-                                   "--lora-rank 16 --max-steps 200 --output-dir runs/my-adapter",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("sft", help="fine-tune a model with LoRA on your data", usage="%(prog)s --dataset FILE [flags]",
+                       description="Supervised fine-tuning with LoRA. Every flag is also a key of --config YAML; "
+                                   "ms-swift's spellings work too.\n\nexample:\n  lorakit sft --dataset data.jsonl "
+                                   "--lora-rank 16 --max-steps 200 --output-dir runs/my-adapter")
     add_train_flags(p)
     p.set_defaults(func=run_sft)

@@ -1,239 +1,134 @@
-"""`lorakit serve`: one base model, many adapters, OpenAI-style HTTP endpoints.
+"""`lorakit serve`: one base model, many LoRA adapters, OpenAI- and vLLM-compatible HTTP endpoints.
 
-    client ──► POST /v1/chat/completions {"model": "<adapter or 'base'>", ...}
-                  │ queued
+    client ──► POST /v1/chat/completions {"model": "<adapter or base id>", "stream": true, ...}
+                  │ validated, templated, tokenized (a 400 / 404 here never reaches the model)
                   ▼
-    batcher thread: waits up to --batch-wait-ms for up to --max-batch requests with the same
-    sampling settings, then runs ONE generate() over all of them; rows that asked for different
-    adapters are routed with lorakit.per_row, so many adapters share every forward pass.
+    scheduler thread: loads the adapter if needed (--max-loras, least recently used evicted), then
+    the continuous-batching engine prefills the request and adds it to the running batch; every
+    step decodes all running rows in ONE forward, each row with its own adapter; a row leaves the
+    batch as soon as it ends, and its text streams back token by token.
 
-Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
-POST /v1/adapters {"name", "path"} (load at runtime), DELETE /v1/adapters/{name}.
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST
+/v1/load_lora_adapter {"lora_name", "lora_path"}, POST /v1/unload_lora_adapter {"lora_name"},
+GET /health (no key needed), GET /metrics (Prometheus), GET / (a playground comparing adapters).
+Adapters load only from inside --adapter-root and the folders given at start. With --api-key
+(or LORAKIT_API_KEY), every endpoint but /health needs `Authorization: Bearer KEY`.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
-import uuid
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from pydantic import BaseModel, Field
+from torch import nn
+
+from ..engine import Engine, Row
+from ..generation import prompt_text
+from ..sampling import Sampling
+from .metrics import Metrics
+from .protocol import APIError, ChatRequest, CompletionRequest
+from .registry import Registry
+from .scheduler import Scheduler
 
 
-BASE = "base"
+class Server:
+    """What one `lorakit serve` holds: the model's scheduler thread, its adapters, its metrics.
 
+    Args:
+        base_id: the base model's name in the API (`model` of a request, the first card of /v1/models).
+        adapters: {name: folder} loaded at start (their folders become allowed roots).
+        adapter_root: every subfolder is servable by its name, loaded on first use.
+        max_loras: adapters in memory at most (default 8, or as many as `adapters`).
+        max_batch_size: rows decoded together at most.
+        max_model_len: prompt + completion tokens per request at most (default and ceiling: the
+            model's position limit).
+    """
 
-class ChatMessage(BaseModel):
-    role: str
-    content: str
-
-
-class ChatRequest(BaseModel):
-    model: str = BASE
-    messages: list[ChatMessage]
-    max_tokens: int = Field(128, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0.0, le=5.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-
-
-class CompletionRequest(BaseModel):
-    model: str = BASE
-    prompt: str
-    max_tokens: int = Field(128, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0.0, le=5.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-
-
-class AdapterRequest(BaseModel):
-    name: str
-    path: str
-
-
-@dataclass
-class Job:
-    adapter: str | None
-    text: str                      # fully rendered prompt
-    max_tokens: int
-    temperature: float
-    top_p: float
-    future: Future = field(default_factory=Future)
-
-    @property
-    def key(self) -> tuple:
-        return (self.temperature, self.top_p)
-
-
-class Engine:
-    """Owns the model; a single worker thread runs batched generation."""
-
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_batch: int = 16, wait_ms: float = 10.0) -> None:
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.max_batch, self.wait = max_batch, wait_ms / 1000
-        self.jobs: queue.Queue[Job] = queue.Queue()
-        self.lock = threading.Lock()  # adapter loading vs generation
-        self.batches_run = 0
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="lorakit-batcher", daemon=True)
-        self.thread.start()
-
-    def adapters(self) -> list[str]:
-        from ..adapters import adapter_names
-
-        return adapter_names(self.model)
-
-    def submit(self, job: Job) -> Future:
-        if job.adapter is not None and job.adapter not in self.adapters():
-            raise KeyError(job.adapter)
-        self.jobs.put(job)
-        return job.future
+    def __init__(self, model: nn.Module, tokenizer: Any, base_id: str, adapters: dict[str, str] | None = None,
+                 adapter_root: str | None = None, max_loras: int | None = None, max_batch_size: int = 16,
+                 max_model_len: int | None = None, max_prefill_tokens: int = 4096) -> None:
+        self.model, self.tokenizer, self.base_id = model.eval(), tokenizer, base_id
+        positions = getattr(model.config, "max_position_embeddings", None) or 2**31
+        if max_model_len is not None and max_model_len < 2:
+            raise ValueError(f"--max-model-len must be at least 2, got {max_model_len}")
+        self.max_model_len = min(max_model_len or positions, positions)
+        self.registry = Registry(model, base_id, adapters, adapter_root,
+                                 max_loras=max_loras or max(8, len(adapters or {})))
+        self.metrics = Metrics()
+        engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
+                        max_model_len=self.max_model_len)
+        self.scheduler = Scheduler(engine, self.registry, self.metrics)
+        self.started = int(time.time())
 
     def stop(self) -> None:
-        self._stop.set()
-        self.thread.join(timeout=5)
+        self.scheduler.stop()
 
-    def _loop(self) -> None:
-        pending: list[Job] = []
-        while not self._stop.is_set():
-            try:
-                pending.append(self.jobs.get(timeout=0.05))
-            except queue.Empty:
-                if not pending:
-                    continue
-            deadline = time.monotonic() + self.wait
-            while len(pending) < self.max_batch and (left := deadline - time.monotonic()) > 0:
-                try:
-                    pending.append(self.jobs.get(timeout=left))
-                except queue.Empty:
-                    break
-            key = pending[0].key
-            batch = [j for j in pending if j.key == key][: self.max_batch]
-            pending = [j for j in pending if j not in batch]
-            self._run(batch)
-
-    def _run(self, batch: list[Job]) -> None:
-        try:
-            with self.lock:
-                texts = self._generate(batch)
-            self.batches_run += 1
-            for job, text in zip(batch, texts):
-                job.future.set_result(text)
-        except Exception as e:  # the error goes back to every waiting request
-            for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(e)
-
-    @torch.no_grad()
-    def _generate(self, batch: list[Job]) -> list[tuple[str, int, int]]:
-        from contextlib import nullcontext
-
-        from .. import adapters as ad
-
-        tok = self.tokenizer
-        side, tok.padding_side = tok.padding_side, "left"
-        try:
-            enc = tok([j.text for j in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            tok.padding_side = side
-        device = next(self.model.parameters()).device
-        enc = {k: v.to(device) for k, v in enc.items()}
-        names = [j.adapter for j in batch]
-        has_adapters = bool(self.adapters())
-        if not has_adapters:
-            ctx = nullcontext()
-        elif len(set(names)) == 1 and names[0] is not None:
-            ad.set_adapter(self.model, names[0])
-            ctx = nullcontext()
-        elif len(set(names)) == 1:
-            ctx = ad.disabled(self.model)
-        else:
-            ctx = ad.per_row(self.model, names)
-        t = batch[0].temperature
-        kw = {"do_sample": True, "temperature": t, "top_p": batch[0].top_p} if t > 0 else {"do_sample": False}
-        with ctx:
-            out = self.model.generate(**enc, max_new_tokens=max(j.max_tokens for j in batch),
-                                      pad_token_id=tok.pad_token_id, **kw)
-        width = enc["input_ids"].shape[1]
-        results = []
-        for i, job in enumerate(batch):
-            new = out[i, width:width + job.max_tokens]
-            if tok.eos_token_id is not None and (new == tok.eos_token_id).any():
-                new = new[: int((new == tok.eos_token_id).nonzero()[0]) + 1]
-            n_prompt = int(enc["attention_mask"][i].sum())
-            results.append((tok.decode(new, skip_special_tokens=True).strip(), n_prompt, len(new)))
-        return results
-
-
-def create_app(engine: Engine):
-    """The FastAPI application over an Engine (also used by the tests with TestClient)."""
-    from fastapi import FastAPI, HTTPException
-
-    app = FastAPI(title="lorakit serve", description=__doc__)
-
-    def adapter_of(model: str) -> str | None:
-        if model in (BASE, "", None):
+    # --- requests into rows -------------------------------------------------------------------------
+    def adapter_of(self, model: str) -> str | None:
+        """The adapter a request's `model` names (None: the base model); 404 naming the known ones."""
+        if model == self.base_id:
             return None
-        if model not in engine.adapters():
-            raise HTTPException(404, f"unknown model {model!r}; available: {[BASE] + engine.adapters()}")
+        if self.registry.path_of(model) is None:
+            known = [self.base_id, *self.registry.names()]
+            raise APIError(404, f"The model {model!r} does not exist. Known models: {known}", param="model",
+                           code="model_not_found")
         return model
 
-    def run(job: Job) -> tuple[str, int, int]:
-        return engine.submit(job).result(timeout=600)
+    def row_for(self, req: ChatRequest | CompletionRequest) -> Row:
+        """Validate, template and tokenize a request; 400 for anything the engine cannot take."""
+        problem = req.unsupported()
+        if problem:
+            raise APIError(400, problem, param=problem.split(":")[0])
+        adapter = self.adapter_of(req.model)
+        if isinstance(req, ChatRequest):
+            ids, param = self._chat_ids(req), "messages"
+            wanted, default = req.max_completion_tokens or req.max_tokens, None
+        else:
+            ids, param = self._prompt_ids(req), "prompt"
+            wanted, default = req.max_tokens, 16                           # OpenAI's default for completions
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise APIError(400, f"{param}: the prompt has {len(ids)} tokens; this server takes at most "
+                                f"{self.max_model_len - 1} (--max-model-len {self.max_model_len}, one token left to "
+                                f"answer); shorten it", param=param, code="context_length_exceeded")
+        if wanted is not None and wanted > room:
+            raise APIError(400, f"max_tokens: {wanted} is more than the {room} tokens left for the answer "
+                                f"(--max-model-len {self.max_model_len} - {len(ids)} prompt tokens)",
+                           param="max_tokens")
+        sampling = Sampling(max_new_tokens=wanted or min(default or room, room),
+                            temperature=1.0 if req.temperature is None else req.temperature,
+                            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=req.stops())
+        return Row(ids, adapter=adapter, sampling=sampling, stream=req.stream)
 
-    @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok", "adapters": engine.adapters(), "batches_run": engine.batches_run}
-
-    @app.get("/v1/models")
-    def models() -> dict:
-        return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "lorakit"}
-                                           for m in [BASE] + engine.adapters()]}
-
-    @app.post("/v1/chat/completions")
-    def chat(req: ChatRequest) -> dict:
-        adapter = adapter_of(req.model)
-        msgs = [m.model_dump() for m in req.messages]
-        text = engine.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        content, n_in, n_out = run(Job(adapter, text, req.max_tokens, req.temperature, req.top_p))
-        return {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
-                "model": req.model, "choices": [{"index": 0, "finish_reason": "stop",
-                                                 "message": {"role": "assistant", "content": content}}],
-                "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
-
-    @app.post("/v1/completions")
-    def complete(req: CompletionRequest) -> dict:
-        adapter = adapter_of(req.model)
-        content, n_in, n_out = run(Job(adapter, req.prompt, req.max_tokens, req.temperature, req.top_p))
-        return {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model, "choices": [{"index": 0, "text": content, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
-
-    @app.post("/v1/adapters")
-    def load(req: AdapterRequest) -> dict:
-        from ..io import load_adapter
-
-        if req.name == BASE or req.name in engine.adapters():
-            raise HTTPException(409, f"an adapter named {req.name!r} is already loaded")
+    def _chat_ids(self, req: ChatRequest) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise APIError(400, "this model has no chat template; use /v1/completions with a plain prompt",
+                           param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            with engine.lock:
-                load_adapter(engine.model, req.path, name=req.name)
-                engine.model.eval()
-        except (FileNotFoundError, ValueError) as e:
-            raise HTTPException(400, str(e)) from e
-        return {"loaded": req.name, "adapters": engine.adapters()}
+            text = prompt_text(self.tokenizer, messages)
+        except Exception as e:  # the template refused the conversation (e.g. roles out of order)
+            raise APIError(400, f"messages: the chat template cannot render them: {e}", param="messages") from e
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    @app.delete("/v1/adapters/{name}")
-    def unload(name: str) -> dict:
-        from ..adapters import delete_adapter
+    def _prompt_ids(self, req: CompletionRequest) -> list[int]:
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            vocab = len(self.tokenizer)
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"prompt: token ids must be in [0, {vocab}), got {bad[:5]}", param="prompt")
+            return list(prompt)
+        text = prompt[0] if isinstance(prompt, list) and prompt else prompt
+        ids = self.tokenizer(text or "", add_special_tokens=True)["input_ids"] if text else []
+        if not ids:
+            raise APIError(400, "prompt: the prompt is empty; send some text", param="prompt")
+        return ids
 
-        if name not in engine.adapters():
-            raise HTTPException(404, f"no adapter named {name!r}")
-        with engine.lock:
-            delete_adapter(engine.model, name)
-        return {"deleted": name, "adapters": engine.adapters()}
-
-    return app
+    # --- cards ------------------------------------------------------------------------------------------
+    def model_cards(self) -> list[dict[str, Any]]:
+        """GET /v1/models: the base, then every adapter (`parent` = the base; no server path)."""
+        card = {"object": "model", "created": self.started, "owned_by": "lorakit"}
+        base = {"id": self.base_id, **card, "root": self.base_id, "parent": None, "max_model_len": self.max_model_len}
+        return [base] + [{"id": name, **card, "root": name, "parent": self.base_id,
+                          "max_model_len": self.max_model_len} for name in self.registry.names()]

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 from jinja2 import TemplateError
 
-from ..tasks import TASKS
+from ..tasks import CAUSAL_LM, SEQ2SEQ, SEQ_CLS, TASKS
 from .chat_template import text_field, to_messages, tokenize_chat
 
 IGNORE_INDEX = -100
@@ -52,10 +52,10 @@ _SHAPE_EXAMPLES = {
     "classification": '{"text": "...", "label": "..."}',
     "seq2seq": '{"source": "...", "target": "..."}',
 }
-_TASK_SHAPES = {
-    "causal_lm": ("messages", "conversations", "alpaca", "prompt_completion", "text"),
-    "seq_cls": ("classification",),
-    "seq2seq": ("seq2seq", "prompt_completion"),
+_TASK_SHAPES = {  # the first task listing a shape is the one `task_of_shape` picks for it
+    CAUSAL_LM: ("messages", "conversations", "alpaca", "prompt_completion", "text"),
+    SEQ_CLS: ("classification",),
+    SEQ2SEQ: ("seq2seq", "prompt_completion"),
 }
 
 
@@ -145,6 +145,11 @@ def detect_shape(row: dict, where: str) -> str:
     accepted = "\n".join(f"  {s}: {_SHAPE_EXAMPLES[s]}" for s in SHAPES)
     raise ValueError(f"{where}: the row fits none of the accepted shapes; it has keys {keys}. "
                      f"Accepted shapes:\n{accepted}")
+
+
+def task_of_shape(shape: str) -> str:
+    """The task rows of this shape train: classification -> seq_cls, seq2seq -> seq2seq, else causal_lm."""
+    return next(task for task, shapes in _TASK_SHAPES.items() if shape in shapes)
 
 
 # ------------------------------------------------------------------------------------------ encoding
@@ -288,8 +293,10 @@ class EncodedDataset:
 
 
 def build_dataset(paths: list[str] | str, tokenizer: Any, task: str = "causal_lm", max_length: int = 1024,
-                  label2id: dict[str, int] | None = None) -> EncodedDataset:
+                  label2id: dict[str, int] | None = None, system: str | None = None) -> EncodedDataset:
     """Read, check and encode every row of ``paths`` for ``task`` (causal_lm | seq_cls | seq2seq).
+
+    ``system``: a system prompt put first in every chat row that has none.
 
     Rows left with no trained token are dropped and counted, with a line in ``warnings``; when that
     is every row, ``ValueError`` says why, before any training starts.
@@ -307,7 +314,7 @@ def build_dataset(paths: list[str] | str, tokenizer: Any, task: str = "causal_lm
 
     kept, dropped = [], []
     for where, row, shape in records:
-        encoded = _encode_row(row, shape, tokenizer, task, max_length, label2id, where)
+        encoded = _encode_row(row, shape, tokenizer, task, max_length, label2id, where, system)
         (dropped if encoded.answer_lost else kept).append(encoded)
     if not kept:
         raise ValueError(f"all {len(records)} rows of {', '.join(sources)} have no trained token: "
@@ -329,14 +336,14 @@ def build_dataset(paths: list[str] | str, tokenizer: Any, task: str = "causal_lm
 def _shape_for(task: str, row: dict, where: str) -> str:
     shape = detect_shape(row, where)
     if shape not in _TASK_SHAPES[task]:
-        fits = next(t for t, shapes in _TASK_SHAPES.items() if shape in shapes)
+        fits = task_of_shape(shape)
         raise ValueError(f"{where}: a {shape} row cannot train task {task!r}, which takes "
                          f"{', '.join(_TASK_SHAPES[task])} rows; for {shape} rows use task {fits!r}")
     return shape
 
 
 def _encode_row(row: dict, shape: str, tokenizer: Any, task: str, max_length: int,
-                label2id: dict[str, int] | None, where: str) -> Encoded:
+                label2id: dict[str, int] | None, where: str, system: str | None = None) -> Encoded:
     def text(key: str) -> str:
         return text_field(row[key], key, where)
 
@@ -350,7 +357,10 @@ def _encode_row(row: dict, shape: str, tokenizer: Any, task: str, max_length: in
             return encode_text(text("text"), tokenizer, max_length)
         if shape == "prompt_completion" and tokenizer.chat_template is None and isinstance(row["prompt"], str):
             return encode_prompt_completion(text("prompt"), text("completion"), tokenizer, max_length)
-        return encode_chat(to_messages(row, shape, where), tokenizer, max_length)
+        messages = to_messages(row, shape, where)
+        if system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}] + messages
+        return encode_chat(messages, tokenizer, max_length)
     except (ValueError, TemplateError) as e:
         if str(e).startswith(f"{where}:"):
             raise

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..generation import Sampling, generate
+from ..generation import generate
+from ..sampling import Sampling
 from . import datasets as datalib
 
 
@@ -60,14 +61,8 @@ def exact_match(model: nn.Module, tokenizer: Any, paths: list[str] | str, max_ne
     sampling = Sampling(max_new_tokens=max_new_tokens)
     was_training = model.training
     model.eval()
-    preds: list[str] = []
-    chunks = range(0, len(pairs), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="generating", unit="batch", leave=False)
-    for start in chunks:
-        preds += generate(model, tokenizer, [p for p, _ in pairs[start:start + batch_size]], sampling)
+    # one continuous batch over every prompt: a row that stops early makes room for the next one
+    preds = generate(model, tokenizer, [p for p, _ in pairs], sampling, max_batch_size=batch_size, progress=progress)
     model.train(was_training)
     hits = [pred == ref.strip() for pred, (_, ref) in zip(preds, pairs)]
     return {"exact_match": sum(hits) / max(len(hits), 1), "n": len(hits), "predictions": preds,

@@ -64,6 +64,8 @@ class RunLog:
                                 "train_rows": len(trainer.train_data), "lorakit_version": __version__,
                                 "world_size": trainer.world.size, "distributed": trainer.world.mode,
                                 "precision": trainer.precision.name, "packing": trainer.packing}
+        if trainer.id2label:  # class names by id: `lorakit generate` prints them for a classifier
+            settings["resolved"]["id2label"] = trainer.id2label
         write_text(self.out / "run.yaml", yaml.safe_dump(settings, sort_keys=False))
 
     def finish(self, trainer: Any, final_eval: dict[str, float]) -> None:

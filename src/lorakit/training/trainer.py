@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import adalora
+from ..adapters import shared_dropout
 from . import datasets as datalib
 from . import distributed
 from . import precision
@@ -36,8 +37,7 @@ from .optim import make_optimizer, make_scheduler
 def detect_task(path: str) -> str:
     """causal_lm, seq_cls or seq2seq, from the first row's shape."""
     first = datalib.load_rows(path)[0]
-    shape = datalib.detect_shape(first, f"{path} line 1")
-    return {"classification": "seq_cls", "seq2seq": "seq2seq"}.get(shape, "causal_lm")
+    return datalib.task_of_shape(datalib.detect_shape(first, f"{path} line 1"))
 
 
 class DivergedError(RuntimeError):
@@ -63,9 +63,10 @@ class Trainer:
 
             tokenizer = load_tokenizer(cfg.model)
         self.tokenizer = tokenizer
-        self.train_data = datalib.build_dataset(cfg.dataset, tokenizer, self.task, cfg.max_length)
+        self.train_data = datalib.build_dataset(cfg.dataset, tokenizer, self.task, cfg.max_length, system=cfg.system)
         self.eval_data = (datalib.build_dataset(cfg.eval_dataset, tokenizer, self.task, cfg.max_length,
-                                                label2id=self.train_data.label2id) if cfg.eval_dataset else None)
+                                                label2id=self.train_data.label2id, system=cfg.system)
+                          if cfg.eval_dataset else None)
         if self.eval_data is not None and cfg.eval_max_rows:
             self.eval_data.rows = self.eval_data.rows[: cfg.eval_max_rows]
         if cfg.dry_run:
@@ -98,18 +99,26 @@ class Trainer:
             precision.cast_frozen(self.model, self.precision.base_dtype)
         self.train_model = distributed.wrap(self.world, self.model)  # what a training forward calls (DDP wrapper)
         self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio)
-        warmup = int(cfg.warmup_ratio * self.total_steps)
-        self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, warmup, self.total_steps)
+        # transformers' rounding, ceil(ratio * total) (0.0833 of 120 steps is 10, not 9), less float noise
+        # (0.1 * 60 is 6.000000000000001: 6 steps, not 7)
+        self.warmup_steps = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps - 1e-9)
+        self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, self.warmup_steps, self.total_steps)
         self.step, self.epoch, self.micro_in_epoch = 0, 0, 0
         self.last_loss: float | None = None
         self.history: list[dict] = []
 
     # --- set-up ---
+    @property
+    def id2label(self) -> dict[int, str] | None:
+        """Class names by id (seq_cls), from the training data's labels; None for other tasks."""
+        label2id = self.train_data.label2id
+        return {i: name for name, i in label2id.items()} if label2id else None
+
     def _load_model(self) -> nn.Module:
         from ..models import load_model
 
         num_labels = self.cfg.num_labels or (len(self.train_data.label2id) if self.train_data.label2id else None)
-        kwargs: dict[str, Any] = {"num_labels": num_labels} if self.task == "seq_cls" else {}
+        kwargs: dict[str, Any] = {"num_labels": num_labels, "id2label": self.id2label} if self.task == "seq_cls" else {}
         if self.cfg.train_type == "qlora":
             from ..qlora import quantization_config
 
@@ -190,7 +199,8 @@ class Trainer:
         total, n_input = 0.0, 0
         for k, (idx, real) in enumerate(shares):
             batch = self._batch([self.train_data[i] for i in idx])
-            with distributed.grad_sync(self.world, self.train_model, sync=k == len(shares) - 1):
+            with shared_dropout(self.model), \
+                    distributed.grad_sync(self.world, self.train_model, sync=k == len(shares) - 1):
                 with self.autocast():
                     loss = self.loss_sum(batch) * self.world.size / n_tokens  # DDP/FSDP average over processes
                 if not real:  # a stand-in row: this process has none in this micro-batch
@@ -289,7 +299,6 @@ class Trainer:
 
         cfg = self.cfg
         if cfg.dry_run:
-            print(self.train_data.summary())
             print(datalib.preview(self.train_data, self.tokenizer, n=3))
             return {"dry_run": True}
         if self.world.is_main:  # with several processes, rank 0 alone writes and prints
@@ -300,6 +309,8 @@ class Trainer:
             self.resume()
         log = RunLog(self.out, self.history, resumed=cfg.resume, write=self.world.is_main)
         log.write_run_yaml(cfg, self)
+        print(f"{self.total_steps} optimizer steps of {cfg.batch_size} x {cfg.grad_accum} rows; "
+              f"warmup {self.warmup_steps} step{'' if self.warmup_steps == 1 else 's'}, then {cfg.lr_scheduler}")
         bar = log.progress(self.total_steps, initial=self.step)
         try:
             while self.step < self.total_steps:

@@ -1,0 +1,49 @@
+"""Sampling options: what a user sets about how tokens are picked (the CLI, the server, the engine)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens. temperature 0 is greedy decoding."""
+
+    max_new_tokens: int = 256
+    """Tokens to generate at most per row."""
+    temperature: float = 0.0
+    """0: greedy (the most likely token); > 0: sample with this temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample among the most likely tokens holding this much probability."""
+    seed: int | None = None
+    """Seed for sampling, so the same request gives the same text."""
+    stop: tuple[str, ...] = ()
+    """Cut the text at the first of these strings (not included)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        object.__setattr__(self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop or ()))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments `model.generate` takes for these options."""
+        if self.greedy:
+            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,
+                "top_p": self.top_p}
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the first stop string, and whether one was found."""
+    cuts = [i for s in stop if s and (i := text.find(s)) >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)

@@ -1,0 +1,167 @@
+"""Per-row routing (lorakit/routing.py, `lorakit.per_row`): row j of a batch uses adapter names[j].
+
+- the batched path (two bmm's per linear) equals each adapter run alone, in prefill and in KV-cache
+  decoding, also on GPT-2's Conv1D and for a batch whose rows are repeated (beam search);
+- everything is built when per_row is entered: the per-row factors once, the adapter stack reused
+  across routings and rebuilt when an adapter changes; forward writes nothing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.routing import Routing, adapter_stack
+from lorakit.state import require_state
+from tiny import ids, randomize_adapters, single_runs, tiny_llama
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ROWS = ["a3", None, "a0", "a4", "a1", "a3", "a2", None]
+
+
+@pytest.fixture(scope="module")
+def many():
+    """tiny Llama with five adapters of different ranks on all projections (one misses k_proj)."""
+    model = tiny_llama(seed=0, hidden=32)
+    for i in range(5):
+        targets = [t for t in LLAMA_TARGETS if not (i == 4 and t == "k_proj")]
+        lorakit.inject(model, LoraConfig(r=2 + i, alpha=4, target_modules=targets), name=f"a{i}")
+    randomize_adapters(model, std=0.3)
+    return model.eval()
+
+
+def test_per_row_prefill_uses_batched_matmuls_and_matches_single_runs(many, monkeypatch):
+    x = ids(len(ROWS), 7, seed=2)
+    calls = []
+    monkeypatch.setattr(lorakit.LoraLinear, "update",                 # the per-adapter formula
+                        lambda self, *a, **k: calls.append(1) or (_ for _ in ()).throw(AssertionError))
+    with torch.no_grad(), lorakit.per_row(many, ROWS):
+        mixed = many(x).logits
+    assert not calls                                              # no per-adapter loop anywhere
+    monkeypatch.undo()
+    with torch.no_grad():
+        alone = single_runs(many, x, ROWS, lambda xi: many(xi).logits, reset="a0")
+    assert_close(mixed, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_per_row_decoding_with_kv_cache_matches_single_runs(many):
+    x = ids(len(ROWS), 5, seed=3)
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, use_cache=True)
+    with torch.no_grad():
+        with lorakit.per_row(many, ROWS):
+            mixed = many.generate(x, output_scores=True, return_dict_in_generate=True, **kwargs)
+        alone = single_runs(many, x, ROWS, lambda xi: many.generate(xi, **kwargs), reset="a0")
+    assert torch.equal(mixed.sequences, alone)
+    # the cached per-row factors were built once per layer, not per step
+    assert mixed.sequences.shape == (len(ROWS), 13)
+
+
+def test_per_row_factors_are_gathered_once_when_per_row_is_entered(many):
+    layer = many.model.layers[0].self_attn.k_proj
+    x = ids(len(ROWS), 4, seed=6)
+    with torch.no_grad(), lorakit.per_row(many, ROWS):
+        routing = require_state(many).routing
+        plan = routing.plan(layer)
+        a1, b1 = plan.a, plan.b
+        many(x)
+        many(x)
+        assert routing.plan(layer) is plan and plan.a is a1    # forward read them, built nothing new
+    assert plan.batched and not plan.dropout
+    r_max = 5                                                     # a3; a4 (r=6) has no k_proj
+    assert a1.shape == (len(ROWS), r_max, 32) and b1.shape == (len(ROWS), layer.out_features, r_max)
+    assert not a1[1].any() and not b1[3].any()                   # None row and a4 (no k_proj here): zeros
+    ad = layer.adapters["a3"]
+    assert_close(b1[0, :, : ad.r] @ a1[0, : ad.r], ad.scaling * ad.lora_B.weight @ ad.lora_A.weight)
+
+
+def test_adapter_stack_is_reused_across_routings_and_rebuilt_when_an_adapter_changes(many):
+    layer = many.model.layers[0].self_attn.q_proj
+    cpu = torch.device("cpu")
+    _, a1, _ = adapter_stack(layer, cpu, torch.float32)
+    Routing(ROWS, [layer])                                        # what per_row builds for this layer
+    _, a2, _ = adapter_stack(layer, cpu, torch.float32)
+    assert a1 is a2                                               # a new batch reuses the stack
+    x = ids(len(ROWS), 4, seed=5)
+    ad = layer.adapters["a1"]
+    with torch.no_grad():
+        ad.lora_A.weight.mul_(3.0)                                # in place: the version counter moves
+        with lorakit.per_row(many, ROWS):
+            mixed = many(x).logits
+        alone = single_runs(many, x, ROWS, lambda xi: many(xi).logits, reset="a0")
+    assert adapter_stack(layer, cpu, torch.float32)[1] is not a1
+    assert_close(mixed, alone, atol=1e-5, rtol=1e-5)              # the change is seen, no stale stack
+
+
+def test_per_row_on_gpt2_conv1d_matches_single_runs():
+    """transformers' Conv1D stores W as (in, out); the batched path must not care."""
+    from tiny import tiny_gpt2
+
+    model = tiny_gpt2(seed=0)
+    for i in range(3):
+        lorakit.inject(model, LoraConfig(r=2 + i, alpha=4, target_modules=["c_attn", "c_proj", "c_fc"]), name=f"g{i}")
+    randomize_adapters(model, std=0.3)
+    model.eval()
+    rows = ["g2", None, "g0", "g1"]
+    x = ids(len(rows), 6, seed=4)
+    with torch.no_grad():
+        with lorakit.per_row(model, rows):
+            mixed = model(x).logits
+        alone = single_runs(model, x, rows, lambda xi: model(xi).logits, reset="g0")
+    assert_close(mixed, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_repeated_m_times_use_the_same_routing(many):
+    """generate(num_beams=m) repeats each row m times in a row: the n names route all n·m rows."""
+    x = ids(len(ROWS), 5, seed=7)
+    with torch.no_grad():
+        with lorakit.per_row(many, ROWS):
+            once = many(x).logits
+            thrice = many(x.repeat_interleave(3, 0)).logits
+        with lorakit.per_row(many, [n for n in ROWS for _ in range(3)]):
+            spelled_out = many(x.repeat_interleave(3, 0)).logits
+    assert_close(thrice, once.repeat_interleave(3, 0), atol=1e-5, rtol=1e-5)
+    assert_close(thrice, spelled_out, atol=1e-5, rtol=1e-5)
+
+
+def _attributes(model) -> dict:
+    """Every module's own attributes (not parameters or submodules), by identity."""
+    return {(name, k): id(v) for name, m in model.named_modules() for k, v in vars(m).items()
+            if k not in ("_parameters", "_buffers", "_modules")}
+
+
+def test_forward_writes_nothing(many):
+    """Forward is pure math: no attribute of any module, and nothing in the routing, changes."""
+    x = ids(len(ROWS), 4, seed=8)
+    with torch.no_grad(), lorakit.per_row(many, ROWS):
+        routing = require_state(many).routing
+        before = _attributes(many), dict(vars(routing)), dict(routing._plans), dict(routing._groups)
+        many(x)
+        many.generate(x, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        after = _attributes(many), dict(vars(routing)), dict(routing._plans), dict(routing._groups)
+    assert before == after
+    lorakit.set_adapter(many, "a1")
+    with torch.no_grad():
+        before = _attributes(many)
+        many(x)
+    assert _attributes(many) == before
+    lorakit.set_adapter(many, "a0")
+
+
+def test_a_layer_per_row_did_not_prepare_takes_the_per_adapter_path(many):
+    layer = many.model.layers[0].self_attn.q_proj
+    routing = Routing(ROWS)                                       # prepared for no layer
+    assert routing.plan(layer) is None
+    x = torch.randn(len(ROWS), 3, 32)
+    state = require_state(many)
+    with torch.no_grad():
+        with lorakit.per_row(many, ROWS):
+            want = layer(x)
+        previous, state.routing = state.routing, routing
+        try:
+            got = layer(x)
+        finally:
+            state.routing = previous
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
