@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = []
     for name, lengths in cases.items():
         rows = rows_of(lengths[: args.batch_size], vocab)
-        padded, packed = datalib.collate(rows, 2), collate_packed(rows)
+        padded, packed = collate(rows, 2), collate_packed(rows)
         with torch.no_grad():
             diff = abs(loss_sum(model, "causal_lm", padded).item() - loss_sum(model, "causal_lm", packed).item())
         times = alternate({"padded": lambda: loss_sum(model, "causal_lm", padded).backward(),

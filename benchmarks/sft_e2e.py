@@ -152,6 +152,7 @@ def score(model_name: str, adapter: Path, test: Path, limit: int) -> tuple[float
     import lorakit
     from lorakit.models import load_model, load_tokenizer
     from lorakit.training import datasets as datalib
+    from lorakit.training.batching import collate
     from lorakit.training.evaluate import exact_match
     from lorakit.training.loss import loss_sum
 
@@ -160,7 +161,7 @@ def score(model_name: str, adapter: Path, test: Path, limit: int) -> tuple[float
     em = exact_match(model, tok, str(test), max_new_tokens=32, limit=limit)["exact_match"]
     rows = datalib.build_dataset([str(test)], tok).rows[:limit]
     with torch.no_grad():
-        total = sum(loss_sum(model, "causal_lm", datalib.collate(rows[i:i + 16], tok.pad_token_id)).item()
+        total = sum(loss_sum(model, "causal_lm", collate(rows[i:i + 16], tok.pad_token_id)).item()
                     for i in range(0, len(rows), 16))
     return em, total / sum(r.n_trained for r in rows)
 

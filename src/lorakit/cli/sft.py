@@ -55,7 +55,7 @@ GROUPS = {  # the sections of `lorakit sft --help`; fields not listed go under "
                        "num_labels", "adapter", "dry_run"),
     "LoRA": ("train_type", "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init"),
     "optimization": ("epochs", "max_steps", "learning_rate", "loraplus_lr_ratio", "weight_decay", "batch_size",
-                     "grad_accum", "warmup_ratio", "warmup_steps", "lr_scheduler", "max_grad_norm", "precision",
+                     "grad_accum", "group_by_length", "packing", "warmup_ratio", "warmup_steps", "lr_scheduler", "max_grad_norm", "precision",
                      "gradient_checkpointing", "seed"),
     "checkpoints, evaluation and logs": ("save_steps", "save_total_limit", "eval_steps", "eval_metric",
                                          "eval_max_new_tokens", "eval_max_rows", "logging_steps", "resume"),

@@ -11,6 +11,7 @@ from torch import nn
 from ..generation import generate
 from ..sampling import Sampling
 from . import datasets as datalib
+from .batching import batches
 
 
 @torch.no_grad()
@@ -18,7 +19,7 @@ def eval_loss(trainer: Any, dataset: datalib.EncodedDataset, batch_size: int | N
     """Mean loss per trained token over the whole dataset."""
     total, tokens = 0.0, 0
     bs = batch_size or trainer.cfg.batch_size
-    for idx in datalib.batches(dataset, bs, shuffle=False):
+    for idx in batches(dataset, bs, shuffle=False):
         rows = [dataset[i] for i in idx]
         with trainer.autocast():
             total += trainer.loss_sum(trainer._batch(rows)).item()
@@ -30,7 +31,7 @@ def eval_loss(trainer: Any, dataset: datalib.EncodedDataset, batch_size: int | N
 def accuracy(trainer: Any, dataset: datalib.EncodedDataset) -> float:
     """Share of rows whose argmax class equals the label (seq_cls)."""
     right = n = 0
-    for idx in datalib.batches(dataset, trainer.cfg.batch_size, shuffle=False):
+    for idx in batches(dataset, trainer.cfg.batch_size, shuffle=False):
         batch = trainer._batch([dataset[i] for i in idx])
         logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         right += int((logits.argmax(-1) == batch["labels"]).sum())

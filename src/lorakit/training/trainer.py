@@ -23,6 +23,7 @@ from torch import nn
 from .. import adalora
 from ..adapters import shared_dropout
 from . import datasets as datalib
+from .batching import batches, collate
 from . import distributed
 from . import precision
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -157,8 +158,8 @@ class Trainer:
     # --- data stream ---
     def _order(self, epoch: int) -> list[list[int]]:
         """Global micro-batches (all processes' rows together), the same in every process."""
-        return datalib.batches(self.train_data, self.cfg.batch_size * self.world.size, shuffle=True,
-                               seed=self.cfg.seed, epoch=epoch)
+        return batches(self.train_data, self.cfg.batch_size * self.world.size, shuffle=True,
+                       seed=self.cfg.seed, epoch=epoch, group_by_length=self.cfg.group_by_length)
 
     def _next_micro_batches(self) -> list[list[int]]:
         """The next grad_accum micro-batches; advances the data position (epoch, index in epoch)."""
@@ -173,7 +174,7 @@ class Trainer:
         return out
 
     def _batch(self, rows: list[datalib.Encoded]) -> dict[str, torch.Tensor]:
-        batch = collate_packed(rows) if self.packing else datalib.collate(rows, self.tokenizer.pad_token_id)
+        batch = collate_packed(rows) if self.packing else collate(rows, self.tokenizer.pad_token_id)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     # --- loss ---
