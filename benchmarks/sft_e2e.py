@@ -156,12 +156,15 @@ def score(model_name: str, adapter: Path, test: Path, limit: int) -> tuple[float
     from lorakit.training.evaluate import exact_match
     from lorakit.training.loss import loss_sum
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # float32 either way
     model, tok = load_model(model_name), load_tokenizer(model_name)
     lorakit.load_adapter(model, str(adapter))
+    model.to(device)
     em = exact_match(model, tok, str(test), max_new_tokens=32, limit=limit)["exact_match"]
     rows = datalib.build_dataset([str(test)], tok).rows[:limit]
     with torch.no_grad():
-        total = sum(loss_sum(model, "causal_lm", collate(rows[i:i + 16], tok.pad_token_id)).item()
+        total = sum(loss_sum(model, "causal_lm", {k: v.to(device) for k, v in
+                                                  collate(rows[i:i + 16], tok.pad_token_id).items()}).item()
                     for i in range(0, len(rows), 16))
     return em, total / sum(r.n_trained for r in rows)
 

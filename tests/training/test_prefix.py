@@ -97,6 +97,12 @@ def test_activation_checkpointing_turns_sharing_off():
     assert not can_share(model)
 
 
+def test_sharing_is_for_the_cpu_only():
+    model = llama(tied=True)
+    assert can_share(model)
+    assert not can_share(model.to("meta"))  # any other device: a GPU step is bound by launches, not arithmetic
+
+
 def test_per_row_routing_turns_sharing_off():
     model = llama(tied=True).eval()
     with lorakit.per_row(model, ["default", None, "default"]):

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ..models import DEFAULT_MODEL
-from ..serving.server import __doc__ as SERVER_DOC
+from .. import serving  # the package alone (its doc): the server's imports wait for `lorakit serve`
 from .flags import add_flag
 from .loading import load_base, parse_adapters
 
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="HTTP server: many adapters over one base model (OpenAI/vLLM API)",
-                       description=SERVER_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=serving.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flag(s, "--model", default=None, help="base model (default: the first adapter's base, else the embedded "
                                              "smollm2-135m-instruct)")
     add_flag(s, "--lora-modules", nargs="+", action="extend", metavar="NAME=PATH",

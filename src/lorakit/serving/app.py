@@ -19,7 +19,7 @@ from .protocol import (APIError, ChatRequest, CompletionRequest, LoadAdapterRequ
 from .registry import check_name
 from .scheduler import Event, Ticket
 from .server import Server
-from .server import __doc__ as SERVER_DOC
+from . import __doc__ as SERVER_DOC
 
 OPEN_PATHS = {"/health"}
 
