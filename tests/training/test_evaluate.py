@@ -31,3 +31,35 @@ def test_exact_match_scores_greedy_answers_each_as_if_alone(tmp_path):
     assert result["predictions"] == answers
     assert result["exact_match"] == 2 / 7 and result["n"] == 7
     assert model.training                                            # the caller's mode is restored
+
+
+def test_generation_stops_where_no_answer_could_still_match(tmp_path, monkeypatch):
+    from lorakit.training import evaluate
+
+    tok = byte_tokenizer()
+    model = tiny_model(tok).eval()
+    questions = ["red", "blue cat", "sun", "green dog sun"]
+    path = tmp_path / "eval.jsonl"
+
+    def score(refs, margin):
+        path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                         {"role": "assistant", "content": r}]}) + "\n"
+                                for q, r in zip(questions, refs)))
+        monkeypatch.setattr(evaluate, "MATCH_MARGIN", margin)
+        result = exact_match(model, tok, str(path), max_new_tokens=30)
+        budgets.append(sampled[-1].max_new_tokens)
+        return result
+
+    sampled, budgets = [], []
+    real = evaluate.generate
+    monkeypatch.setattr(evaluate, "generate", lambda m, t, p, sampling, **kw: sampled.append(sampling) or
+                        real(m, t, p, sampling, **kw))
+
+    free = score(["x"] * 4, 1000)                                    # no cap: up to 30 new tokens a row
+    refs = [free["predictions"][0][:3], "ab", free["predictions"][2][:3], "abcd"]  # byte tokens: 4 at most
+    capped, uncapped = score(refs, 2), score(refs, 1000)
+    longest = max(len(tok(r)["input_ids"]) for r in refs)
+    assert budgets == [30, longest + 2, 30]                          # the longest reference + the margin
+    for short, full in zip(capped["predictions"], uncapped["predictions"]):
+        assert full.startswith(short) and len(short) < len(full)    # the cut only shortens what runs on
+    assert capped["exact_match"] == uncapped["exact_match"]

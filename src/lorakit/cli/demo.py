@@ -25,7 +25,7 @@ from .flags import add_flag
 
 DATA = Path(__file__).resolve().parents[3] / "data" / "demo"
 SETTINGS = dict(lora_rank=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", batch_size=8,
-                grad_accum=1, max_steps=60, learning_rate=2e-3, warmup_ratio=0.1, lr_scheduler="cosine",
+                grad_accum=1, max_steps=16, learning_rate=3e-3, warmup_ratio=0.1, lr_scheduler="cosine",
                 max_length=128, logging_steps=5, seed=0)
 
 
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"demo data not found: {f} (run from the repository root, or pass --data)")
     t_start = time.perf_counter()
     cfg = TrainConfig(dataset=[str(train_file)], output_dir=args.output_dir, model=args.model,
-                      eval_dataset=[str(test_file)], eval_steps=15, eval_max_rows=96, precision=args.precision,
+                      eval_dataset=[str(test_file)], eval_steps=8, eval_max_rows=32, precision=args.precision,
                       **{**SETTINGS, "max_steps": args.max_steps})
     print(f"lorakit demo: LoRA r={cfg.lora_rank} on all linear layers of {cfg.model}, {cfg.max_steps} steps "
           f"of {cfg.batch_size} rows, then exact match on {args.eval_rows} held-out rows")
@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     with ad.disabled(model):
-        base = exact_match(model, tok, str(test_file), max_new_tokens=max_new, limit=args.eval_rows, progress=True)
+        base = exact_match(model, tok, str(test_file), max_new_tokens=max_new, limit=args.eval_rows,
+                           batch_size=args.eval_rows, progress=True)
     t_base = time.perf_counter() - t0
     print(f"base model exact match: {base['exact_match']:.1%} ({t_base:.0f} s)")
 
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     trainer.train()
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tuned = exact_match(model, tok, str(test_file), max_new_tokens=max_new, limit=args.eval_rows, progress=True)
+    tuned = exact_match(model, tok, str(test_file), max_new_tokens=max_new, limit=args.eval_rows,
+                        batch_size=args.eval_rows, progress=True)  # one batch: no short last wave
     t_tuned = time.perf_counter() - t0
     total = time.perf_counter() - t_start
 

@@ -55,10 +55,25 @@ def chat_pairs(paths: list[str] | str) -> list[tuple[list[dict], str]]:
     return pairs
 
 
+MATCH_MARGIN = 4  # new tokens allowed past the longest reference's own token count
+
+
 def exact_match(model: nn.Module, tokenizer: Any, paths: list[str] | str, max_new_tokens: int = 128,
-                batch_size: int = 32, limit: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """Greedy answers compared with the reference after stripping whitespace."""
+                batch_size: int = 128, limit: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Greedy answers compared with the reference after stripping whitespace.
+
+    Generation stops at `max_new_tokens` or at the longest reference's length in tokens plus
+    MATCH_MARGIN, whichever is less: an answer that runs past that cannot equal any reference (it
+    would need a tokenization MATCH_MARGIN tokens longer than the tokenizer's own), so the cut saves
+    the time a base model spends rambling without changing the score (the one exception: a row
+    that writes a reference and then only whitespace until the cut now matches). On a CPU, rows decode more
+    cheaply per row in batches of 128 than of 32 (bigger matrix products: 128 rows x 30 tokens
+    took 0.88x the time of batches of 64, which took 0.80x that of batches of 32).
+    """
     pairs = chat_pairs(paths)[:limit]
+    if pairs:
+        longest = max(len(tokenizer(ref.strip(), add_special_tokens=False)["input_ids"]) for _, ref in pairs)
+        max_new_tokens = min(max_new_tokens, longest + MATCH_MARGIN)
     sampling = Sampling(max_new_tokens=max_new_tokens)
     was_training = model.training
     model.eval()
