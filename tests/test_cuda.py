@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 import yaml
-from tiny import byte_tokenizer, fresh, ids, randomize_adapters, randomize_lora, single_runs, tiny_llama, tiny_model
+from tiny import fresh, ids, randomize_adapters, randomize_lora, single_runs, tiny_llama, two_adapter_model
 
 import lorakit
 from lorakit.io import read_safetensors
@@ -154,13 +154,8 @@ def test_engine_greedy_rows_equal_model_generate_alone_on_cuda():
     from lorakit.engine import Engine, Row
     from lorakit.sampling import Sampling
 
-    tok = byte_tokenizer()
-    model = tiny_model(tok)
-    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), name="a")
-    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules="all-linear"), name="b")
-    randomize_lora(model, "a", seed=1, std=0.5)
-    randomize_lora(model, "b", seed=2, std=0.5)
-    model = model.to(CUDA).eval()
+    model, tok = two_adapter_model()
+    model = model.to(CUDA)
     prompts, adapters, lengths = ["hello there", "yo", "a much longer prompt", "x"], ["a", None, "b", "b"], [9, 5, 12, 7]
     engine = Engine(model, tok, max_batch_size=4)
     rows = [Row(tok(p, add_special_tokens=False)["input_ids"], adapter=a, sampling=Sampling(max_new_tokens=n))

@@ -6,7 +6,7 @@ The oracle for every greedy row is `model.generate` on that row alone with its a
 
 import pytest
 import torch
-from tiny import byte_tokenizer, randomize_lora, tiny_gpt2, tiny_model, tiny_t5
+from tiny import byte_tokenizer, tiny_gpt2, tiny_model, tiny_t5, two_adapter_model
 
 import lorakit
 from lorakit.engine import CANCELLED, LENGTH, STOP, Engine, Row, eos_ids, supports
@@ -20,13 +20,7 @@ LENGTHS = [12, 5, 20, 9, 15, 7]
 @pytest.fixture(scope="module")
 def two():
     """A tiny Llama over the byte tokenizer with adapters a (q, v) and b (all linear, another rank)."""
-    tok = byte_tokenizer()
-    model = tiny_model(tok)
-    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), name="a")
-    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules="all-linear"), name="b")
-    randomize_lora(model, "a", seed=1, std=0.5)
-    randomize_lora(model, "b", seed=2, std=0.5)
-    return model.eval(), tok
+    return two_adapter_model()
 
 
 def encode(tok, text):

@@ -249,6 +249,20 @@ def tiny_model(tok, hidden: int = 32):
     return model
 
 
+def two_adapter_model():
+    """`tiny_model` over the byte tokenizer with adapters a (q, v) and b (all linear, another rank),
+    both non-zero: the mixed-adapter generation tests' model. Returns (model in eval mode, tokenizer)."""
+    import lorakit
+
+    tok = byte_tokenizer()
+    model = tiny_model(tok)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), name="a")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, target_modules="all-linear"), name="b")
+    randomize_lora(model, "a", seed=1, std=0.5)
+    randomize_lora(model, "b", seed=2, std=0.5)
+    return model.eval(), tok
+
+
 def save_model_folder(path, hidden: int = 32):
     """`tiny_model` and the byte tokenizer saved as a local model folder, as the commands load one."""
     tok = byte_tokenizer()
