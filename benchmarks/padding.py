@@ -25,6 +25,8 @@ import torch  # noqa: E402
 import lorakit  # noqa: E402
 from lorakit.training import datasets as datalib  # noqa: E402
 from lorakit.training.loss import loss_sum  # noqa: E402
+from lorakit.training import batching  # noqa: E402
+from lorakit.training.batching import collate  # noqa: E402
 from lorakit.training.packing import collate_packed  # noqa: E402
 
 
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header("Padding and packing", args))
     lines = []
     for name, lengths in datasets_lengths().items():
-        grouped = datalib._grouped_batches(lengths, args.batch_size, True, 0, 0)
+        grouped = batching._grouped_batches(lengths, args.batch_size, True, 0, 0)
         lines.append([name, f"{sum(lengths) / len(lengths):.0f}", f"{padding_fraction(lengths, grouped):.1%}",
                       f"{padding_fraction(lengths, random_batches(len(lengths), args.batch_size)):.1%}"])
     print(table(["data", "mean tokens a row", "padding, length-grouped", "padding, random batches"], lines))

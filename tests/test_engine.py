@@ -132,7 +132,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch(two):
 
 
 def test_top_p_keeps_only_the_nucleus():
-    from lorakit.engine import pick_tokens
+    from lorakit.sampling import pick_tokens
 
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
     row = Row([1], sampling=Sampling(temperature=1.0, top_p=0.8, seed=0))
@@ -217,10 +217,13 @@ def test_routing_is_held_while_the_rows_stay_and_left_when_idle(two):
     held = state.routing
     assert held is not None and held.names == ["a", "b"]
     engine.step()
-    assert state.routing is held                                     # same rows: the gathered factors are reused
+    assert state.routing is held                                     # same rows: the same routing serves
     engine.step()                                                    # the first row ends here
     engine.step()
-    assert state.routing is None and lorakit.active_adapters(model) == ["b"]  # one row left: set_adapter
+    regrouped = state.routing                                        # one row left: the same block, regrouped
+    assert regrouped is not held and regrouped.names == ["b"]
+    layer = next(m for m in model.modules() if isinstance(m, lorakit.LoraLinear))
+    assert regrouped.plan(layer).a.data_ptr() == held.plan(layer).a.data_ptr()  # the factors, not a copy
     while not engine.idle:
         engine.step()
     assert state.routing is None and lorakit.active_adapters(model) == active
@@ -250,3 +253,53 @@ def test_a_failed_step_fails_its_rows_and_the_engine_starts_afresh(two):
     assert engine.idle and get_state(model).routing is None
     again = engine.run([Row(encode(tok, "yo"), adapter="b", sampling=Sampling(max_new_tokens=6))])[0]
     assert again.tokens == alone(model, tok, "yo", "b", 6, engine.eos)
+
+
+SYSTEM = "You are a careful assistant. "                             # 29 bytes: a shared chat-template head
+
+
+def test_a_prompt_that_starts_like_a_kept_one_prefills_only_the_rest(two):
+    """The prefix cache: per adapter, the longest kept prefix (all but the last prompt token at most)
+    is reused; the tokens stay those of model.generate alone, whatever mix of hits shares a prefill."""
+    model, tok = two
+    engine = Engine(model, tok, max_batch_size=4)
+    first = [Row(encode(tok, SYSTEM + p), adapter=a, sampling=Sampling(max_new_tokens=6))
+             for p, a in (("hello", "a"), ("hello", "b"), ("hi", None))]
+    engine.run(first)
+    assert engine.reused_tokens == 0                                 # one prefill: nothing was kept before it
+    wave = [("bye now", "a", 10), ("plain", "b", 7), ("hello", "b", 8), ("hi", None, 5), ("", "a", 4)]
+    rows = [Row(encode(tok, SYSTEM + p if p != "plain" else "a plain prompt"), adapter=a,
+                sampling=Sampling(max_new_tokens=n)) for p, a, n in wave]
+    engine.add(rows[0])
+    engine.add(rows[1])                                              # a hit and a miss in one prefill
+    engine.step()
+    for row in rows[2:]:
+        engine.add(row)
+        engine.step()
+    while not engine.idle:
+        engine.step()
+    want = [len(SYSTEM), 0, len(SYSTEM + "hello") - 1, len(SYSTEM + "hi") - 1, len(SYSTEM) - 1]
+    assert engine.reused_tokens == sum(want)                         # a's "bye now" shares the system head only
+    for row, (p, a, n) in zip([*first, *rows], [("hello", "a", 6), ("hello", "b", 6), ("hi", None, 6), *wave]):
+        text = SYSTEM + p if p != "plain" else "a plain prompt"
+        assert row.tokens == alone(model, tok, text, a, n, engine.eos), (p, a)
+
+
+def test_prefixes_are_kept_per_adapter_bounded_and_forgotten(two):
+    model, tok = two
+    engine = Engine(model, tok, prefix_cache_tokens=40)
+    engine.run([Row(encode(tok, SYSTEM + "one"), adapter="a", sampling=Sampling(max_new_tokens=2))])
+    engine.run([Row(encode(tok, SYSTEM + "two"), adapter="b", sampling=Sampling(max_new_tokens=2))])
+    assert engine.reused_tokens == 0                                 # the same head under another adapter: no reuse
+    assert engine.prefixes.tokens == 32                               # 40 tokens at most: a's prompt was dropped
+    engine.run([Row(encode(tok, SYSTEM + "three"), adapter="a", sampling=Sampling(max_new_tokens=2))])
+    assert engine.reused_tokens == 0
+    engine.run([Row(encode(tok, SYSTEM + "four"), adapter="a", sampling=Sampling(max_new_tokens=2))])
+    assert engine.reused_tokens == len(SYSTEM)
+    engine.forget(["a"])                                             # a's weights changed: its prefixes go
+    engine.run([Row(encode(tok, SYSTEM + "five"), adapter="a", sampling=Sampling(max_new_tokens=2))])
+    assert engine.reused_tokens == len(SYSTEM)
+    off = Engine(model, tok, prefix_cache_tokens=0)
+    off.run([Row(encode(tok, SYSTEM + p), adapter="a", sampling=Sampling(max_new_tokens=2)) for p in ("x", "y")])
+    off.run([Row(encode(tok, SYSTEM + "z"), adapter="a", sampling=Sampling(max_new_tokens=2))])
+    assert off.reused_tokens == 0 and not len(off.prefixes)

@@ -2,8 +2,10 @@
 
 - the batched path (two bmm's per linear) equals each adapter run alone, in prefill and in KV-cache
   decoding, also on GPT-2's Conv1D and for a batch whose rows are repeated (beam search);
-- everything is built when per_row is entered: the per-row factors once, the adapter stack reused
-  across routings and rebuilt when an adapter changes; forward writes nothing.
+- everything is built when per_row is entered: the slots' factors once (a view of the layer's
+  adapter stack when the batch uses at least half of it), the stack reused across routings and
+  rebuilt when an adapter changes, the rows grouped by slot; `reroute` regroups a changed batch
+  without copying factors; forward writes nothing.
 """
 
 from __future__ import annotations
@@ -59,22 +61,66 @@ def test_per_row_decoding_with_kv_cache_matches_single_runs(many):
     assert mixed.sequences.shape == (len(ROWS), 13)
 
 
-def test_per_row_factors_are_gathered_once_when_per_row_is_entered(many):
+def test_per_row_factors_are_prepared_once_when_per_row_is_entered(many):
     layer = many.model.layers[0].self_attn.k_proj
     x = ids(len(ROWS), 4, seed=6)
     with torch.no_grad(), lorakit.per_row(many, ROWS):
         routing = require_state(many).routing
         plan = routing.plan(layer)
-        a1, b1 = plan.a, plan.b
+        a1, b1 = plan.a, plan.bt
         many(x)
         many(x)
         assert routing.plan(layer) is plan and plan.a is a1    # forward read them, built nothing new
     assert plan.batched and not plan.dropout
-    r_max = 5                                                     # a3; a4 (r=6) has no k_proj
-    assert a1.shape == (len(ROWS), r_max, 32) and b1.shape == (len(ROWS), layer.out_features, r_max)
-    assert not a1[1].any() and not b1[3].any()                   # None row and a4 (no k_proj here): zeros
+    # the rows use all four adapters this layer has (a4 has no k_proj): the slots are its whole
+    # stack, a view of it (no copy); a4's row gets no term here
+    _, a_all, _ = adapter_stack(layer, torch.device("cpu"), torch.float32)
+    assert plan.slots == ("a0", "a1", "a2", "a3") and a1.data_ptr() == a_all[1].data_ptr()
+    r_max = 5                                                     # a3
+    assert a1.shape == (4, r_max, 32) and b1.shape == (4, r_max, layer.out_features)
     ad = layer.adapters["a3"]
-    assert_close(b1[0, :, : ad.r] @ a1[0, : ad.r], ad.scaling * ad.lora_B.weight @ ad.lora_A.weight)
+    assert_close(b1[3, : ad.r].t() @ a1[3, : ad.r], ad.scaling * ad.lora_B.weight @ ad.lora_A.weight)
+    # rows grouped by slot: a0 [2], a1 [4], a2 [6], a3 [0, 5]; g = 2, padding repeats the first row
+    groups = routing.grouping(plan.slots, torch.device("cpu"))
+    assert groups.size == 2 and groups.gather.tolist() == [2, 2, 4, 4, 6, 6, 0, 5]
+    # each row takes its own position; rows 1, 7 (None) and 3 (a4) the first padding one, zeroed
+    assert groups.scatter.tolist() == [6, 1, 0, 1, 2, 7, 4, 1]
+    assert groups.pad.flatten().tolist() == [False, True, False, True, False, True, False, False]
+    every = Routing(["a1", "a0", "a1", "a0"], [layer]).grouping(plan.slots, torch.device("cpu"))
+    assert every.scatter.tolist() == [2, 0, 3, 1] and every.pad is None      # unused slots' padding never read
+    crowded = Routing(["a0", None], [layer]).grouping(("a0",), torch.device("cpu"))
+    assert crowded.scatter is None and crowded.pad is None        # no padding to point None at: index_add_
+
+
+def test_a_batch_using_few_of_many_adapters_copies_only_theirs(many):
+    layer = many.model.layers[0].self_attn.q_proj
+    rows = ["a3", None, "a1", "a3"]
+    x = ids(len(rows), 5, seed=9)
+    with torch.no_grad():
+        with lorakit.per_row(many, rows):
+            plan = require_state(many).routing.plan(layer)
+            mixed = many(x).logits
+        alone = single_runs(many, x, rows, lambda xi: many(xi).logits, reset="a0")
+    assert plan.slots == ("a1", "a3") and plan.a.shape[0] == 2
+    assert_close(mixed, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_reroute_regroups_a_changed_batch_without_copying_factors(many):
+    layer = many.model.layers[0].self_attn.q_proj
+    with torch.no_grad(), lorakit.per_row(many, ROWS):
+        a_before = require_state(many).routing.plan(layer).a
+        rows = ROWS[3:] + ["a0", "a0"]                            # three rows left, two joined
+        lorakit.adapters.reroute(many, rows)
+        assert require_state(many).routing.plan(layer).a.data_ptr() == a_before.data_ptr()
+        mixed = many(ids(len(rows), 4, seed=11)).logits
+        with pytest.raises(ValueError, match="nope"):
+            lorakit.adapters.reroute(many, ["nope"])
+    assert require_state(many).routing is None                     # leaving the block ends the rerouted routing
+    with torch.no_grad():
+        alone = single_runs(many, ids(len(rows), 4, seed=11), rows, lambda xi: many(xi).logits, reset="a0")
+    assert_close(mixed, alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="inside a per_row block"):
+        lorakit.adapters.reroute(many, ROWS)
 
 
 def test_adapter_stack_is_reused_across_routings_and_rebuilt_when_an_adapter_changes(many):
@@ -137,10 +183,10 @@ def test_forward_writes_nothing(many):
     x = ids(len(ROWS), 4, seed=8)
     with torch.no_grad(), lorakit.per_row(many, ROWS):
         routing = require_state(many).routing
-        before = _attributes(many), dict(vars(routing)), dict(routing._plans), dict(routing._groups)
+        before = _attributes(many), dict(vars(routing)), dict(routing._plans), dict(routing._groups), dict(routing._groupings)
         many(x)
         many.generate(x, max_new_tokens=2, do_sample=False, pad_token_id=0)
-        after = _attributes(many), dict(vars(routing)), dict(routing._plans), dict(routing._groups)
+        after = _attributes(many), dict(vars(routing)), dict(routing._plans), dict(routing._groups), dict(routing._groupings)
     assert before == after
     lorakit.set_adapter(many, "a1")
     with torch.no_grad():

@@ -93,6 +93,19 @@ def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module
         state.routing = previous
 
 
+def reroute(model: nn.Module, names: Sequence[str | None]) -> None:
+    """Inside a `per_row` block: route a batch whose rows changed (rows joined or left, as in the
+    serving engine) to `names`, re-using the adapter factors the block prepared (`Routing.regroup`)."""
+    names = list(names)
+    state = require_state(model)
+    if state.routing is None:
+        raise RuntimeError("reroute works inside a per_row block; use lorakit.per_row(model, names) to enter one")
+    if not names:
+        raise ValueError("reroute needs one adapter name (or None) per batch row, got an empty list")
+    _check_known(model, [n for n in names if n is not None], "reroute")
+    state.routing = state.routing.regroup(names)
+
+
 @contextmanager
 def using(model: nn.Module, rows: Sequence[str | None] | str | None) -> Iterator[nn.Module]:
     """Inside, the model runs with the adapters `rows` asks for; the one place that chooses how.

@@ -12,8 +12,9 @@ A row never waits for another row to finish: a new one is prefilled at the next 
 the running batch, and a finished one leaves at once. `Engine.step` does at most one prefill
 (capped by `max_prefill_tokens`, so running streams never stall behind a long prompt) and one
 decode. While the running rows stay the same, their adapter routing (`adapters.using`) stays
-entered from step to step, so per-row adapter factors are gathered once, not once per token;
-`release()` leaves it (the engine does so when idle). The engine is single-threaded: one owner
+entered from step to step, and when rows join or leave it is re-grouped in the same block
+(`adapters.reroute`: index tensors, no copy of factors); `release()` leaves it (the engine does
+so when idle). The engine is single-threaded: one owner
 calls `add`, `step` and `release`; another thread may only set `Row.cancelled`. `lorakit.generation.generate` (and so `lorakit
 generate` and the trainer's exact-match evaluation) and `lorakit serve` both run on it.
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import inspect
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapters import using
-from .sampling import Sampling, cut_at_stop
+from .adapters import reroute, using
+from .prefixes import PrefixCache
+from .sampling import Sampling, cut_at_stop, pick_tokens
 
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"  # Row.finish_reason values
-MIN_TEMPERATURE = 1e-4  # below it, sampling is greedy (logits / t would overflow to inf)
 
 
 @dataclass(eq=False)
@@ -115,10 +116,14 @@ class Engine:
         max_prefill_tokens: padded prompt tokens prefilled in one step at most (one row always fits).
         max_model_len: prompt + generated tokens per row at most (default: the model's positions).
         routed: route each row to its adapter; False runs every row with the adapters active now.
+        prefix_cache_tokens: prompt tokens whose keys and values are kept for reuse (least recently
+            used dropped first; 0: none; `prefixes.PrefixCache`). A new row whose prompt starts with
+            at least `MIN_PREFIX` tokens of a kept prompt of the same adapter (a chat template's system prompt, an earlier
+            turn) prefills only the rest. Call `forget` when an adapter's weights change.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, max_batch_size: int = 16, max_prefill_tokens: int = 4096,
-                 max_model_len: int | None = None, routed: bool = True) -> None:
+                 max_model_len: int | None = None, routed: bool = True, prefix_cache_tokens: int = 4096) -> None:
         if not supports(model):
             raise ValueError(f"{type(model).__name__} is not a causal LM with a plain DynamicCache; the engine "
                              f"cannot batch it (use model.generate)")
@@ -138,8 +143,10 @@ class Engine:
         self._admitted: list[Row] = []  # rows taken from `waiting` for this step's prefill, until merged
         self._cache: Any = None       # DynamicCache of the running rows, (rows, heads, width, head_dim) per layer
         self._mask: Tensor | None = None  # (rows, width): 1 where the cache holds a real token, padding on the left
-        self._routing: tuple[tuple | None, Any] | None = None  # (adapter names, the open `using` context)
+        self._routing: tuple[tuple | None, Any, bool] | None = None  # (adapter names, the open `using`, per_row?)
         self.steps = 0
+        self.prefixes = PrefixCache(prefix_cache_tokens)
+        self.reused_tokens = 0        # prompt tokens taken from the prefix cache instead of computed
 
     # --- the queue ------------------------------------------------------------------------------------
     def add(self, row: Row) -> Row:
@@ -223,19 +230,37 @@ class Engine:
         return new
 
     def _prefill(self, rows: list[Row]) -> list[Row]:
-        """Run the new rows' prompts into a fresh cache, pick their first tokens, merge the survivors."""
+        """Run the new rows' prompts into a fresh cache, pick their first tokens, merge the survivors.
+
+        A row with a cached prefix starts from its keys and values; each row's cache is laid out
+        [padding, cached prefix, padding, rest of the prompt] (the mask says which is which).
+        """
         from transformers import DynamicCache
 
-        width = max(len(row.prompt) for row in rows)
+        hits = [self.prefixes.lookup(row.adapter, row.prompt) for row in rows]  # (reused length, keys/values)
+        prefix = max(n for n, _ in hits)
+        width = max(len(row.prompt) - n for row, (n, _) in zip(rows, hits))
         ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row.prompt):] = torch.tensor(row.prompt)
-            mask[i, width - len(row.prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)                  # (rows, width): padding sits at 0
+        mask = torch.zeros((len(rows), prefix + width), dtype=torch.long)
+        starts = torch.zeros((len(rows), 1), dtype=torch.long)
+        for i, (row, (n, _)) in enumerate(zip(rows, hits)):
+            rest = row.prompt[n:]
+            ids[i, width - len(rest):] = torch.tensor(rest)
+            mask[i, prefix - n: prefix] = 1
+            mask[i, prefix + width - len(rest):] = 1
+            starts[i] = n
+        ids, mask, starts = ids.to(self.device), mask.to(self.device), starts.to(self.device)
+        positions = (starts + mask[:, prefix:].cumsum(1) - 1).clamp(min=0)   # (rows, width): padding sits low
         cache = DynamicCache(config=self.model.config)
+        if prefix:
+            like = next(kv for n, kv in hits if n)                       # a row without a hit gets zeros
+            for index in range(len(cache.layers)):
+                keys, values = ([_left_pad(kv[index][j] if n else like[index][j][:, :, :0], prefix) for n, kv in hits]
+                                for j in (0, 1))
+                cache.update(torch.cat(keys), torch.cat(values), index)  # (rows, heads, prefix, hd)
+            self.reused_tokens += sum(n for n, _ in hits)
         logits = self._forward(rows, ids, mask, positions, cache)
+        self._remember(rows, hits, cache, prefix, width)
         self._advance(rows, logits)
         keep = [i for i, row in enumerate(rows) if not row.done]
         if keep:
@@ -243,6 +268,21 @@ class Engine:
                 cache.batch_select_indices(torch.tensor(keep, device=self.device))
             self._merge([rows[i] for i in keep], cache, mask[keep])
         return rows
+
+    def _remember(self, rows: list[Row], hits: list, cache: Any, prefix: int, width: int) -> None:
+        """Keep each new prompt's keys and values, cut out of the prefill cache (see _prefill's layout)."""
+        for i, (row, (n, _)) in enumerate(zip(rows, hits)):
+            if self.prefixes.wants(row.adapter, row.prompt):
+                rest = len(row.prompt) - n
+                kv = [tuple(torch.cat([t[i: i + 1, :, prefix - n: prefix], t[i: i + 1, :, prefix + width - rest:]],
+                                      dim=2) for t in (layer.keys, layer.values)) for layer in cache.layers]
+                self.prefixes.remember(row.adapter, row.prompt, kv)
+
+    def forget(self, adapters: Iterable[str | None] | None = None) -> None:
+        """Drop kept prefixes (of `adapters`; None: all) and leave the routing: call it when adapters
+        load, unload or change weights between steps."""
+        self.release()
+        self.prefixes.forget(adapters)
 
     def _decode(self) -> list[Row]:
         rows = self.running
@@ -266,16 +306,20 @@ class Engine:
         names = tuple(row.adapter for row in rows) if self.routed else None
         if self._routing is not None and self._routing[0] == names:
             return
+        if self._routing is not None and self._routing[2] and names is not None:
+            reroute(self.model, names)                                 # the same per_row block, new rows
+            self._routing = (names, *self._routing[1:])
+            return
         self.release()
         context = using(self.model, names)
         context.__enter__()
-        self._routing = (names, context)
+        self._routing = (names, context, _mixed(names))
 
     def release(self) -> None:
         """Leave the adapter routing held between steps. The engine does it when it goes idle; its
         owner must do it before loading, deleting or switching adapters on the model between steps."""
         if self._routing is not None:
-            _, context = self._routing
+            context = self._routing[1]
             self._routing = None
             context.__exit__(None, None, None)
 
@@ -344,25 +388,11 @@ class Engine:
         return pad if pad is not None else (min(self.eos) if self.eos else 0)
 
 
+def _mixed(names: tuple | None) -> bool:
+    """Whether `using` routes these rows per row (`per_row`): they name more than one adapter (or None)."""
+    return names is not None and len(set(names)) > 1
+
+
 def _left_pad(x: Tensor, width: int) -> Tensor:
     """(rows, heads, w, hd) -> (rows, heads, width, hd) with zeros on the left of the sequence axis."""
     return F.pad(x, (0, 0, width - x.shape[-2], 0)) if x.shape[-2] < width else x
-
-
-def pick_tokens(logits: Tensor, rows: Sequence[Row]) -> list[int]:
-    """The next token of each row: argmax for greedy rows; else temperature, top-p, and a draw from
-    the row's own generator (seeded requests) or torch's global one."""
-    tokens = logits.argmax(-1).tolist()                                # (rows,)
-    for i, row in enumerate(rows):
-        s = row.sampling
-        if s.greedy or s.temperature < MIN_TEMPERATURE:
-            continue
-        probs = torch.softmax(logits[i] / s.temperature, dim=-1)       # (vocab,)
-        if s.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            drop = sorted_p.cumsum(0) - sorted_p > s.top_p             # keep the smallest set holding top_p
-            probs = probs.scatter(0, order[drop], 0.0)
-        probs = probs.nan_to_num(0.0)                                   # a broken adapter must not stop the batch
-        if probs.sum() > 0:
-            tokens[i] = int(torch.multinomial(probs, 1, generator=row.generator))
-    return tokens

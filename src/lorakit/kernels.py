@@ -13,8 +13,8 @@ formula and with PEFT. `lora_linear` picks the path:
 | folded W' (`folded_linear`)             | no autograd, no dropout, exact base, float32,     | one pass over W' = W + Σ s·B·A instead of two over |
 |                                         | a long input (`fold_pays`)                        | the activations |
 | in-place branches (`add_lora_branches`) | no autograd otherwise                             | no autograd bookkeeping: added into the base output |
-| batched per row (`per_row_linear`)      | inside `per_row`; no DoRA adapter on this layer;  | row i's A and s·B, gathered when per_row was entered: |
-|                                         | input ≥ 2-D without grad; no dropout in training  | two batched matmuls for the whole batch |
+| batched per row (`per_row_linear`)      | inside `per_row`; no DoRA adapter on this layer;  | rows grouped by adapter, its A and s·B stacked when |
+|                                         | input ≥ 2-D without grad; no dropout in training  | per_row was entered: two batched matmuls per batch |
 | none (None: the caller's formula)       | a DoRA adapter; adapters with different dropout p | each adapter's own math and its own mask, as PEFT |
 |                                         | in training; per_row otherwise                    | |
 
@@ -116,14 +116,15 @@ def _unrouted(layer: LoraLinear, x: Tensor, drop: DropoutDraw | None, scales: tu
 
 
 def per_row_linear(layer: LoraLinear, x: Tensor, routing: Routing) -> Tensor | None:
-    """Mixed batch in two batched matmuls, row i with its adapter's A and s·B (`routing.plan`):
+    """Mixed batch in two batched matmuls over the adapter slots (`routing.plan`), rows grouped by
+    slot (`routing.grouping`: U slots of g positions, a padding position's term masked to zero):
 
-        out (n, L, d) += bmm(bmm(x (n, L, k), A_rowsᵀ), (s·B)_rowsᵀ)     A_rows (n, r, k), B_rows (n, d, r)
+        xg (U, g·L, k) = x's rows by slot      out += bmm(bmm(xg, Aᵀ), (s·B)ᵀ)[each row's position]    A (U, r, k)
 
-    A generate() pays for the gathering once (when per_row is entered), then runs two ops per
-    layer per step (a loop over adapters would run two per adapter, each with its own threading
-    overhead). A batch of n·m rows (beam search repeats each row m times, consecutively) is read
-    as (n, m·L, k). None: the per-adapter path must serve this call (see the table).
+    Each adapter's factors are read once per call however many rows use it, and a generate()
+    pays for preparing them once (when per_row is entered): five ops per layer per step, not two
+    per adapter (index_select, bmm, bmm, index_select, add_). A batch of n·m rows (beam search repeats each row m times, consecutively) is
+    read as (n, m·L, k). None: the per-adapter path must serve this call (see the table).
     """
     plan = routing.plan(layer)
     if (plan is None or not plan.batched or x.dim() < 2 or layer.training and plan.dropout
@@ -134,12 +135,21 @@ def per_row_linear(layer: LoraLinear, x: Tensor, routing: Routing) -> Tensor | N
         return out
     n = routing.check_batch(x.shape[0])
     out = out if out.is_contiguous() else out.contiguous()
-    a, b = plan.a, plan.b                                                # (n, r, k), (n, d, r)
+    a, bt = plan.a, plan.bt                                              # (U, r, k), (U, r, d)
     if a.dtype != out.dtype or a.device != out.device:                   # e.g. under autocast: not cached
-        a, b = a.to(out.device, out.dtype), b.to(out.device, out.dtype)
-    x3 = x.reshape(n, -1, x.shape[-1]).to(out.dtype)                    # (n, m·L, k)
-    xa = torch.bmm(x3, a.transpose(1, 2))                               # (n, m·L, r)
-    out.view(n, -1, out.shape[-1]).baddbmm_(xa, b.transpose(1, 2))
+        a, bt = a.to(out.device, out.dtype), bt.to(out.device, out.dtype)
+    groups = routing.grouping(plan.slots, out.device)
+    slots, k, d = a.shape[0], x.shape[-1], out.shape[-1]
+    xg = x.reshape(n, -1, k).to(out.dtype).index_select(0, groups.gather)     # (U·g, m·L, k)
+    xa = torch.bmm(xg.view(slots, -1, k), a.transpose(1, 2))            # (U, g·m·L, r)
+    if groups.pad is not None:
+        xa.view(slots, groups.size, -1, xa.shape[-1]).masked_fill_(groups.pad, 0)
+    terms = torch.bmm(xa, bt).view(len(groups.gather), -1, d)          # (U·g, m·L, d)
+    out3 = out.view(n, -1, d)
+    if groups.scatter is not None:
+        out3.add_(terms.index_select(0, groups.scatter))
+    else:
+        out3.index_add_(0, groups.gather, terms)
     return out
 
 

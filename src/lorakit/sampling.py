@@ -6,6 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch import Tensor
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -47,3 +50,26 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """`text` up to the first stop string, and whether one was found."""
     cuts = [i for s in stop if s and (i := text.find(s)) >= 0]
     return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+MIN_TEMPERATURE = 1e-4  # below it, sampling is greedy (logits / t would overflow to inf)
+
+
+def pick_tokens(logits: Tensor, rows: Sequence[Any]) -> list[int]:
+    """The next token of each row (an engine `Row`: its `.sampling` and `.generator`): argmax for
+    greedy rows; else temperature, top-p, and a draw from the row's own generator (seeded
+    requests) or torch's global one. logits: (rows, vocab)."""
+    tokens = logits.argmax(-1).tolist()                                # (rows,)
+    for i, row in enumerate(rows):
+        s = row.sampling
+        if s.greedy or s.temperature < MIN_TEMPERATURE:
+            continue
+        probs = torch.softmax(logits[i] / s.temperature, dim=-1)       # (vocab,)
+        if s.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            drop = sorted_p.cumsum(0) - sorted_p > s.top_p             # keep the smallest set holding top_p
+            probs = probs.scatter(0, order[drop], 0.0)
+        probs = probs.nan_to_num(0.0)                                   # a broken adapter must not stop the batch
+        if probs.sum() > 0:
+            tokens[i] = int(torch.multinomial(probs, 1, generator=row.generator))
+    return tokens

@@ -185,6 +185,22 @@ def test_load_and_unload_like_vllm(make, disk, oracle):
     assert error_of(client.post("/v1/unload_lora_adapter", json={"lora_name": "again"}), 404)["param"] == "lora_name"
 
 
+def test_a_reloaded_adapter_is_never_served_its_old_prefixes(make, disk, oracle):
+    """Prompts share the chat template's head, so the engine keeps their keys/values per adapter;
+    an adapter unloaded and loaded again under its name with other weights must not reuse them."""
+    client, server = make(adapter_root=None)
+    engine = server.scheduler.engine
+    client.post("/v1/load_lora_adapter", json={"lora_name": "again", "lora_path": str(disk["a"])})
+    for _ in range(2):
+        assert chat(client, "again").json()["choices"][0]["message"]["content"] == oracle.text("a", CHAT, 6)
+    reused = engine.reused_tokens
+    assert reused > 0                                                # the second request reused the first's prompt
+    client.post("/v1/unload_lora_adapter", json={"lora_name": "again"})
+    client.post("/v1/load_lora_adapter", json={"lora_name": "again", "lora_path": str(disk["b"])})
+    assert chat(client, "again").json()["choices"][0]["message"]["content"] == oracle.text("b", CHAT, 6)
+    assert engine.reused_tokens == reused                            # nothing of a's was reused for b's weights
+
+
 def test_paths_outside_the_roots_are_refused(make, disk):
     client, server = make()
     root = disk["root"]
@@ -346,7 +362,8 @@ def test_cli_lora_modules_accepts_vllm_forms_and_names_bad_ones(disk, capsys):
     assert "adapter directory" in capsys.readouterr().err
     for flag, value, message in (("--max-loras", "0", "--max-loras must be at least 1, got 0"),
                                  ("--max-batch-size", "-1", "--max-batch-size must be at least 1, got -1"),
-                                 ("--max-model-len", "1", "--max-model-len must be at least 2, got 1")):
+                                 ("--max-model-len", "1", "--max-model-len must be at least 2, got 1"),
+                                 ("--prefix-cache-tokens", "-1", "--prefix-cache-tokens must be at least 0, got -1")):
         assert main(["serve", "--model", str(disk["base"]), flag, value]) == 2
         assert message in capsys.readouterr().err
 

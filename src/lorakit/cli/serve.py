@@ -45,10 +45,11 @@ def run(args: argparse.Namespace) -> int:
     from ..serving.app import create_app
     from ..serving.server import Server
 
-    for flag, value in (("--max-loras", args.max_loras), ("--max-batch-size", args.max_batch_size),
-                        ("--max-model-len", args.max_model_len)):
-        if value is not None and value < (2 if flag == "--max-model-len" else 1):
-            raise ValueError(f"{flag} must be at least {2 if flag == '--max-model-len' else 1}, got {value}")
+    for flag, value, least in (("--max-loras", args.max_loras, 1), ("--max-batch-size", args.max_batch_size, 1),
+                               ("--max-model-len", args.max_model_len, 2),
+                               ("--prefix-cache-tokens", args.prefix_cache_tokens, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
     adapters = lora_modules([*(args.lora_modules or []), *(args.adapter or [])])
     first = None
     if adapters and not args.model:
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     if not hasattr(model, "generate") or getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(f"lorakit serve runs causal language models; {type(model).__name__} is not one")
     server = Server(model, tokenizer, base_id(args.model, first), adapters, adapter_root=args.adapter_root,
-                    max_loras=args.max_loras, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len)
+                    max_loras=args.max_loras, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+                    prefix_cache_tokens=args.prefix_cache_tokens)
     key = args.api_key or os.environ.get("LORAKIT_API_KEY") or None
     print(f"serving {server.base_id} with adapters {server.registry.names()} on http://{args.host}:{args.port}"
           f"{' (API key required)' if key else ''}", flush=True)
@@ -89,6 +91,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(s, "--max-batch-size", "--max-batch", type=int, default=16, help="rows decoded together (default 16)")
     add_flag(s, "--max-model-len", type=int, default=None, help="prompt + answer tokens per request at most "
                                                                "(default: the model's limit)")
+    add_flag(s, "--prefix-cache-tokens", type=int, default=4096,
+             help="prompt tokens whose keys/values are kept per adapter, so a prompt that starts like an earlier "
+                  "one (the chat template's system prompt, earlier turns) prefills only the rest; 0 turns it off "
+                  "(default 4096)")
     add_flag(s, "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
              help="uvicorn's log level (default info)")
     s.set_defaults(func=run)

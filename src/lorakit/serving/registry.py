@@ -20,6 +20,7 @@ import os
 import re
 import threading
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
@@ -44,6 +45,9 @@ class Registry:
     def __init__(self, model: nn.Module, base_id: str, adapters: dict[str, str] | None = None,
                  adapter_root: str | None = None, max_loras: int | None = None) -> None:
         self.model, self.base_id = model, base_id
+        self.on_change: Callable[[str], None] = lambda name: None
+        """Called with an adapter's name just before it loads or is deleted (the scheduler: the
+        engine leaves its routing and forgets that adapter's cached prefixes)."""
         adapters = dict(adapters or {})
         for name in adapters:
             check_name(name, "--lora-modules")
@@ -189,6 +193,7 @@ class Registry:
         return True
 
     def _load(self, name: str, path: Path) -> None:
+        self.on_change(name)
         try:
             load_adapter(self.model, path, name=name)
         except Exception as e:  # a damaged folder: say what is wrong, keep serving
@@ -199,6 +204,7 @@ class Registry:
             self.loaded[name] = None
 
     def _delete(self, name: str) -> None:
+        self.on_change(name)
         if name in adapter_names(self.model):
             delete_adapter(self.model, name)
         with self.lock:

@@ -65,6 +65,7 @@ class Scheduler:
 
     def __init__(self, engine: Engine, registry: Registry, metrics: Metrics) -> None:
         self.engine, self.registry, self.metrics = engine, registry, metrics
+        registry.on_change = lambda name: engine.forget([name])     # before an adapter loads or goes
         self.commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.pending: deque[Ticket] = deque()
         self.tickets: dict[Row, Ticket] = {}
@@ -115,7 +116,6 @@ class Scheduler:
             command = self.commands.get(timeout=0.5) if block else self.commands.get_nowait()
         except queue.Empty:
             return
-        self.engine.release()                                        # a command may change the adapters
         while True:
             command()
             try:
@@ -125,8 +125,6 @@ class Scheduler:
 
     def _place_pending(self) -> None:
         """Hand tickets whose adapter is (or can be) in memory to the engine, in arrival order per adapter."""
-        if self.pending:
-            self.engine.release()                                    # acquiring may load or evict adapters
         blocked: set[str | None] = set()
         for ticket in list(self.pending):
             row = ticket.row

@@ -31,7 +31,8 @@ class Server:
 
     def __init__(self, model: nn.Module, tokenizer: Any, base_id: str, adapters: dict[str, str] | None = None,
                  adapter_root: str | None = None, max_loras: int | None = None, max_batch_size: int = 16,
-                 max_model_len: int | None = None, max_prefill_tokens: int = 4096) -> None:
+                 max_model_len: int | None = None, max_prefill_tokens: int = 4096,
+                 prefix_cache_tokens: int = 4096) -> None:
         self.model, self.tokenizer, self.base_id = model.eval(), tokenizer, base_id
         positions = getattr(model.config, "max_position_embeddings", None) or 2**31
         if max_model_len is not None and max_model_len < 2:
@@ -41,7 +42,7 @@ class Server:
                                  max_loras=max_loras or max(8, len(adapters or {})))
         self.metrics = Metrics()
         engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
-                        max_model_len=self.max_model_len)
+                        max_model_len=self.max_model_len, prefix_cache_tokens=prefix_cache_tokens)
         self.scheduler = Scheduler(engine, self.registry, self.metrics)
         self.started = int(time.time())
 
