@@ -75,17 +75,19 @@ def test_per_row_factors_are_prepared_once_when_per_row_is_entered(many):
     # the rows use all four adapters this layer has (a4 has no k_proj): the slots are its whole
     # stack, a view of it (no copy); a4's row gets no term here
     _, a_all, _ = adapter_stack(layer, torch.device("cpu"), torch.float32)
-    assert plan.slots == ("a0", "a1", "a2", "a3") and a1.data_ptr() == a_all[1].data_ptr()
+    assert plan.slots == ("a0", "a1", "a2", "a3") and a1.data_ptr() == a_all.data_ptr()
     r_max = 5                                                     # a3
-    assert a1.shape == (4, r_max, 32) and b1.shape == (4, r_max, layer.out_features)
+    assert a1.shape == (5, r_max, 32) and b1.shape == (5, r_max, layer.out_features)   # entry 0: zeros
+    assert not a1[0].any() and not b1[0].any()
     ad = layer.adapters["a3"]
-    assert_close(b1[3, : ad.r].t() @ a1[3, : ad.r], ad.scaling * ad.lora_B.weight @ ad.lora_A.weight)
+    assert_close(b1[4, : ad.r].t() @ a1[4, : ad.r], ad.scaling * ad.lora_B.weight @ ad.lora_A.weight)
     # rows grouped by slot: a0 [2], a1 [4], a2 [6], a3 [0, 5]; g = 2, padding repeats the first row
     groups = routing.grouping(plan.slots, torch.device("cpu"))
     assert groups.size == 2 and groups.gather.tolist() == [2, 2, 4, 4, 6, 6, 0, 5]
     # each row takes its own position; rows 1, 7 (None) and 3 (a4) the first padding one, zeroed
     assert groups.scatter.tolist() == [6, 1, 0, 1, 2, 7, 4, 1]
     assert groups.pad.flatten().tolist() == [False, True, False, True, False, True, False, False]
+    assert groups.row_slot.tolist() == [4, 0, 1, 0, 2, 4, 3, 0] and not groups.identity  # for a prefill
     every = Routing(["a1", "a0", "a1", "a0"], [layer]).grouping(plan.slots, torch.device("cpu"))
     assert every.scatter.tolist() == [2, 0, 3, 1] and every.pad is None      # unused slots' padding never read
     crowded = Routing(["a0", None], [layer]).grouping(("a0",), torch.device("cpu"))
@@ -101,7 +103,7 @@ def test_a_batch_using_few_of_many_adapters_copies_only_theirs(many):
             plan = require_state(many).routing.plan(layer)
             mixed = many(x).logits
         alone = single_runs(many, x, rows, lambda xi: many(xi).logits, reset="a0")
-    assert plan.slots == ("a1", "a3") and plan.a.shape[0] == 2
+    assert plan.slots == ("a1", "a3") and plan.a.shape[0] == 3    # the zero entry, a1's, a3's
     assert_close(mixed, alone, atol=1e-5, rtol=1e-5)
 
 
@@ -211,3 +213,22 @@ def test_a_layer_per_row_did_not_prepare_takes_the_per_adapter_path(many):
         finally:
             state.routing = previous
     assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 7])                        # decoding (rows by slot), prefill (rows' own factors)
+def test_a_row_whose_adapter_a_layer_lacks_gets_no_other_adapters_term(length):
+    """v_proj holds x and z, not y: for rows [y, z] its slots (x, z) put padding first, so the
+    positions read [0, 1] like rows already in slot order, yet row 0 must get no term there."""
+    model = tiny_llama(seed=0, hidden=32)
+    for name, targets in (("x", LLAMA_TARGETS), ("y", [t for t in LLAMA_TARGETS if t != "v_proj"]),
+                          ("z", LLAMA_TARGETS)):
+        lorakit.inject(model, LoraConfig(r=4, alpha=8, target_modules=targets), name=name)
+    randomize_adapters(model, std=0.3)
+    model.eval()
+    for rows in (["y", "z"], ["z", "y"], ["y", "x"], ["z", "z"]):
+        x = ids(len(rows), length, seed=12)
+        with torch.no_grad():
+            with lorakit.per_row(model, rows):
+                mixed = model(x).logits
+            alone = single_runs(model, x, rows, lambda xi: model(xi).logits, reset="x")
+        assert_close(mixed, alone, atol=1e-5, rtol=1e-5)

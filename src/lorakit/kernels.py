@@ -116,14 +116,19 @@ def _unrouted(layer: LoraLinear, x: Tensor, drop: DropoutDraw | None, scales: tu
 
 
 def per_row_linear(layer: LoraLinear, x: Tensor, routing: Routing) -> Tensor | None:
-    """Mixed batch in two batched matmuls over the adapter slots (`routing.plan`), rows grouped by
-    slot (`routing.grouping`: U slots of g positions, a padding position's term masked to zero):
+    """Mixed batch in two batched matmuls (`routing.plan`'s factors, `routing.grouping`'s rows):
 
-        xg (U, g·L, k) = x's rows by slot      out += bmm(bmm(xg, Aᵀ), (s·B)ᵀ)[each row's position]    A (U, r, k)
+    - a few tokens a row (decoding: fewer than the rank), rows grouped by adapter slot (U slots
+      of g positions, a padding position's term masked to zero), so each adapter's factors are
+      read once however many rows use it (index_select, bmm, bmm, index_select, add_):
 
-    Each adapter's factors are read once per call however many rows use it, and a generate()
-    pays for preparing them once (when per_row is entered): five ops per layer per step, not two
-    per adapter (index_select, bmm, bmm, index_select, add_). A batch of n·m rows (beam search repeats each row m times, consecutively) is
+          xg (U, g·L, k) = x's rows by slot      out += bmm(bmm(xg, Aᵀ), (s·B)ᵀ)[each row's position]
+
+    - many tokens a row (a prefill), each row's own A and s·B gathered (smaller than moving its
+      activations): out (n, L, d) += bmm(bmm(x, A_rowsᵀ), (s·B)_rowsᵀ); rows already in slot
+      order use the factors as they are.
+
+    A generate() pays for preparing the factors once (when per_row is entered). A batch of n·m rows (beam search repeats each row m times, consecutively) is
     read as (n, m·L, k). None: the per-adapter path must serve this call (see the table).
     """
     plan = routing.plan(layer)
@@ -135,17 +140,26 @@ def per_row_linear(layer: LoraLinear, x: Tensor, routing: Routing) -> Tensor | N
         return out
     n = routing.check_batch(x.shape[0])
     out = out if out.is_contiguous() else out.contiguous()
-    a, bt = plan.a, plan.bt                                              # (U, r, k), (U, r, d)
+    a, bt = plan.a, plan.bt                                              # (1 + U, r, k), (1 + U, r, d)
     if a.dtype != out.dtype or a.device != out.device:                   # e.g. under autocast: not cached
         a, bt = a.to(out.device, out.dtype), bt.to(out.device, out.dtype)
     groups = routing.grouping(plan.slots, out.device)
-    slots, k, d = a.shape[0], x.shape[-1], out.shape[-1]
-    xg = x.reshape(n, -1, k).to(out.dtype).index_select(0, groups.gather)     # (U·g, m·L, k)
-    xa = torch.bmm(xg.view(slots, -1, k), a.transpose(1, 2))            # (U, g·m·L, r)
+    k, d = x.shape[-1], out.shape[-1]
+    x3, out3 = x.reshape(n, -1, k).to(out.dtype), out.view(n, -1, d)   # (n, m·L, k), (n, m·L, d)
+    if x3.shape[1] >= a.shape[1] or groups.identity:
+        # many tokens a row (a prefill): each row's own factors are smaller than its activations
+        if not groups.identity:
+            a, bt = a.index_select(0, groups.row_slot), bt.index_select(0, groups.row_slot)  # (n, r, k), (n, r, d)
+        else:
+            a, bt = a[1:], bt[1:]
+        out3.baddbmm_(torch.bmm(x3, a.transpose(1, 2)), bt)
+        return out
+    slots = a.shape[0] - 1                                               # a few tokens a row (decoding): by slot
+    xg = x3.index_select(0, groups.gather)                              # (U·g, m·L, k)
+    xa = torch.bmm(xg.view(slots, -1, k), a[1:].transpose(1, 2))        # (U, g·m·L, r)
     if groups.pad is not None:
         xa.view(slots, groups.size, -1, xa.shape[-1]).masked_fill_(groups.pad, 0)
-    terms = torch.bmm(xa, bt).view(len(groups.gather), -1, d)          # (U·g, m·L, d)
-    out3 = out.view(n, -1, d)
+    terms = torch.bmm(xa, bt[1:]).view(len(groups.gather), -1, d)      # (U·g, m·L, d)
     if groups.scatter is not None:
         out3.add_(terms.index_select(0, groups.scatter))
     else:

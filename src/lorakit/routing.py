@@ -7,8 +7,9 @@
 - every LoRA linear gets its `LinearPlan`: the A and s·B of each adapter "slot" (its whole
   adapter stack, `adapter_stack`, when the batch uses at least half of it: no copy; else the
   adapters it uses), and the rows are grouped by slot (`Grouping`, shared by every layer with
-  the same slots), so its forward is two batched matmuls over the slots (`kernels.per_row_linear`):
-  each adapter's factors are read once per step, whatever the number of its rows;
+  the same slots), so a decoding step is two batched matmuls over the slots
+  (`kernels.per_row_linear`): each adapter's factors are read once per step, whatever the
+  number of its rows (a prefill gathers each row's factors instead: `Grouping.row_slot`);
 - `Routing.regroup` routes a changed batch (rows joined or left: the serving engine) inside the
   same block, re-using the stacks without checking them again (the block's promise: adapter
   weights do not change inside it), so it costs index tensors, not copies of factors.
@@ -37,9 +38,11 @@ class LinearPlan:
     dropout: bool
     """Some of them has dropout (in training mode, the per-adapter path draws the masks)."""
     a: Tensor | None = None
-    """(U, r_max, k): slot u's A (zeros past its rank, and for an adapter this layer lacks); None: no adapter here."""
+    """(1 + U, r_max, k): entry 0 zeros, then slot u's A at 1 + u (zeros past its rank, and for an
+    adapter this layer lacks); None: no adapter here."""
     bt: Tensor | None = None
-    """(U, r_max, d): slot u's (s·B)ᵀ, zeros likewise (this layout makes the second bmm the faster one)."""
+    """(1 + U, r_max, d): slot u's (s·B)ᵀ at 1 + u, zeros likewise (this layout makes the second bmm
+    the faster one)."""
     slots: tuple[str, ...] = ()
     """The adapter of each slot; the routing groups the rows by them (`Routing.grouping`)."""
 
@@ -58,6 +61,10 @@ class Grouping:
     position to take: then the terms are added back with index_add_ (slower)."""
     pad: Tensor | None
     """(U, g, 1, 1) True at padding positions, to zero their terms; None when no padding term is used."""
+    row_slot: Tensor
+    """(n,) each row's entry in the plan's factors: 1 + its slot, 0 (zeros) for a row no slot serves."""
+    identity: bool
+    """Row j is slot j's only row, every slot has one: the rows are already grouped."""
 
 
 @dataclass
@@ -122,7 +129,10 @@ class Routing:
             pad = torch.tensor([[i >= len(rows) for i in range(size)] for rows in members], device=device)
             pad = pad.view(len(slots), size, 1, 1)
         as_index = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-        return Grouping(as_index(gather), size, None if scatter is None else as_index(scatter), pad)
+        row_slot = [1 + position[j] // size if j in position else 0 for j in range(len(self.names))]
+        identity = size == 1 and not padding and not unserved and gather == list(range(len(self.names)))
+        return Grouping(as_index(gather), size, None if scatter is None else as_index(scatter), pad,
+                        as_index(row_slot), identity)
 
     def check_batch(self, batch: int) -> int:
         """n = len(names), after checking that a batch of this size is n rows, each repeated m times."""
@@ -188,9 +198,9 @@ def linear_plan(layer: LoraLinear, adapters: list[str], trusted: bool = False) -
     names, a_all, bt_all = stack[1] if stack is not None and stack[0][:2] == (w.device, dtype) else \
         adapter_stack(layer, w.device, dtype)
     if 2 * len(adapters) >= len(names):
-        return LinearPlan(True, dropout, a_all[1:], bt_all[1:], names)
+        return LinearPlan(True, dropout, a_all, bt_all, names)
     slot = {n: i + 1 for i, n in enumerate(names)}                  # 0: the stack's zero entry
-    index = torch.tensor([slot.get(n, 0) for n in adapters], dtype=torch.long, device=w.device)
+    index = torch.tensor([0] + [slot.get(n, 0) for n in adapters], dtype=torch.long, device=w.device)
     return LinearPlan(True, dropout, a_all.index_select(0, index), bt_all.index_select(0, index), tuple(adapters))
 
 
