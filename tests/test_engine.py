@@ -303,3 +303,19 @@ def test_prefixes_are_kept_per_adapter_bounded_and_forgotten(two):
     off.run([Row(encode(tok, SYSTEM + p), adapter="a", sampling=Sampling(max_new_tokens=2)) for p in ("x", "y")])
     off.run([Row(encode(tok, SYSTEM + "z"), adapter="a", sampling=Sampling(max_new_tokens=2))])
     assert off.reused_tokens == 0 and not len(off.prefixes)
+
+
+def test_rows_that_share_a_head_in_one_prefill_compute_it_once(two):
+    """Nothing kept yet, but five new rows share the system head per adapter: the heads run once
+    (one forward), are kept, and every row reuses its adapter's; the tokens stay model.generate's."""
+    model, tok = two
+    engine = Engine(model, tok)
+    wave = [("one", "a"), ("two", "a"), ("three", "a"), ("x1", "b"), ("x2", "b"), ("solo", None)]
+    rows = [Row(encode(tok, SYSTEM + p), adapter=a, sampling=Sampling(max_new_tokens=6)) for p, a in wave]
+    engine.run(rows)
+    assert engine.reused_tokens == 3 * len(SYSTEM) + 2 * len(SYSTEM + "x")   # None's single row: nothing shared
+    for row, (p, a) in zip(rows, wave):
+        assert row.tokens == alone(model, tok, SYSTEM + p, a, 6, engine.eos), (p, a)
+    few = Engine(model, tok)                                         # two rows sharing 29 tokens: too little to pay
+    few.run([Row(encode(tok, SYSTEM + p), adapter="a", sampling=Sampling(max_new_tokens=2)) for p in ("p", "q")])
+    assert few.reused_tokens == 0

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapters import reroute, using
-from .prefixes import PrefixCache
+from .prefixes import PrefixCache, shared_heads
 from .sampling import Sampling, cut_at_stop, pick_tokens
 
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"  # Row.finish_reason values
@@ -238,6 +238,11 @@ class Engine:
         from transformers import DynamicCache
 
         hits = [self.prefixes.lookup(row.adapter, row.prompt) for row in rows]  # (reused length, keys/values)
+        heads = shared_heads([(row.adapter, row.prompt) for row, (n, _) in zip(rows, hits) if not n]) \
+            if self.prefixes.limit else []
+        if heads:                                                        # run them once, then reuse them
+            self._prefill_heads(heads)
+            hits = [hit if hit[0] else self.prefixes.lookup(row.adapter, row.prompt) for row, hit in zip(rows, hits)]
         prefix = max(n for n, _ in hits)
         width = max(len(row.prompt) - n for row, (n, _) in zip(rows, hits))
         ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
@@ -268,6 +273,25 @@ class Engine:
                 cache.batch_select_indices(torch.tensor(keep, device=self.device))
             self._merge([rows[i] for i in keep], cache, mask[keep])
         return rows
+
+    def _prefill_heads(self, heads: list[tuple[str | None, list[int]]]) -> None:
+        """Run prompt heads that new rows share (`prefixes.shared_heads`) and keep their keys/values."""
+        from transformers import DynamicCache
+
+        rows = [Row(tokens, adapter=adapter) for adapter, tokens in heads]
+        width = max(len(row.prompt) for row in rows)
+        ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row.prompt):] = torch.tensor(row.prompt)
+            mask[i, width - len(row.prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = DynamicCache(config=self.model.config)
+        self._forward(rows, ids, mask, (mask.cumsum(1) - 1).clamp(min=0), cache)
+        for i, row in enumerate(rows):
+            kv = [tuple(t[i: i + 1, :, width - len(row.prompt):].clone() for t in (layer.keys, layer.values))
+                  for layer in cache.layers]
+            self.prefixes.remember(row.adapter, row.prompt, kv)
 
     def _remember(self, rows: list[Row], hits: list, cache: Any, prefix: int, width: int) -> None:
         """Keep each new prompt's keys and values, cut out of the prefill cache (see _prefill's layout)."""

@@ -9,6 +9,8 @@ them again, and so does `Engine`:
     new row (adapter, prompt) ──lookup──► the kept prompt of that adapter sharing the longest head
         ≥ MIN_PREFIX tokens: its first n keys/values (n ≤ len(prompt) - 1: the last token is computed,
         its logits give the first new token); fewer: nothing
+    new rows that share a head with each other, and nothing kept (`shared_heads`): the heads run
+        first, once per adapter, and are kept; then the rows reuse them like any kept prompt
 
 Keys/values depend on the adapter (its LoRA on the projections of every layer), so they are kept
 per adapter name; whoever changes an adapter's weights calls `forget` (the serving registry does,
@@ -23,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from torch import Tensor
 
 MIN_PREFIX = 8  # prompt tokens a kept prefix must cover to be reused (fewer: not worth the copies)
+MIN_SHARED = 64  # prompt tokens that heads shared inside one prefill must save to be run first on their own
 
 KV = list[tuple[Tensor, Tensor]]  # per layer (keys, values), each (1, heads, length, head_dim)
 
@@ -75,6 +78,25 @@ class PrefixCache:
         for key in [k for k in self._kept if drop is None or k[0] in drop]:
             self.tokens -= len(key[1])
             del self._kept[key]
+
+
+def shared_heads(prompts: list[tuple[str | None, Sequence[int]]]) -> list[tuple[str | None, list[int]]]:
+    """Heads that new prompts of one adapter share with each other (nothing kept covers them yet):
+    (adapter, head) per group of prompts that start with the same MIN_PREFIX tokens, the head as
+    long as all of them share (all but each one's last token at most). [] unless running the heads
+    first saves MIN_SHARED prompt tokens: that costs a forward of its own."""
+    groups: dict[tuple, list[Sequence[int]]] = {}
+    for adapter, prompt in prompts:
+        if len(prompt) > MIN_PREFIX:
+            groups.setdefault((adapter, tuple(prompt[:MIN_PREFIX])), []).append(prompt)
+    heads, saved = [], 0
+    for (adapter, _), members in groups.items():
+        if len(members) > 1:
+            n = min(min(common_length(members[0], m) for m in members[1:]), min(len(m) for m in members) - 1)
+            if n >= MIN_PREFIX:
+                heads.append((adapter, list(members[0][:n])))
+                saved += (len(members) - 1) * n
+    return heads if saved >= MIN_SHARED else []
 
 
 def common_length(a: Sequence[int], b: Sequence[int]) -> int:
