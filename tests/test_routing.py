@@ -117,6 +117,8 @@ def test_reroute_regroups_a_changed_batch_without_copying_factors(many):
         mixed = many(ids(len(rows), 4, seed=11)).logits
         with pytest.raises(ValueError, match="nope"):
             lorakit.adapters.reroute(many, ["nope"])
+        with pytest.raises(ValueError, match="one adapter name .or None. per batch row, got an empty list"):
+            lorakit.adapters.reroute(many, [])
     assert require_state(many).routing is None                     # leaving the block ends the rerouted routing
     with torch.no_grad():
         alone = single_runs(many, ids(len(rows), 4, seed=11), rows, lambda xi: many(xi).logits, reset="a0")
@@ -232,3 +234,22 @@ def test_a_row_whose_adapter_a_layer_lacks_gets_no_other_adapters_term(length):
                 mixed = model(x).logits
             alone = single_runs(model, x, rows, lambda xi: model(xi).logits, reset="x")
         assert_close(mixed, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_a_long_per_row_block_keeps_the_plans_of_few_adapter_sets(many):
+    """The serving engine keeps one block open for hours: plans (which may hold copies of factors)
+    are kept for the KEPT_PLANS most recently used sets of adapters, not for every set seen."""
+    from itertools import combinations
+
+    from lorakit.routing import KEPT_PLANS
+
+    sets = [list(c) for c in combinations(["a0", "a1", "a2", "a3", "a4"], 2)]      # 10 > KEPT_PLANS sets
+    with torch.no_grad(), lorakit.per_row(many, ROWS):
+        for rows in sets:
+            lorakit.adapters.reroute(many, rows)
+        prepared = require_state(many).routing._prepared
+        assert len(prepared.plans) == KEPT_PLANS
+        assert list(prepared.plans)[-1] == tuple(sets[-1])                # the newest kept, the oldest gone
+        assert tuple(sets[0]) not in prepared.plans
+        lorakit.adapters.reroute(many, sets[-2])                          # a kept set: reused, moved last
+        assert list(prepared.plans)[-1] == tuple(sets[-2]) and len(prepared.plans) == KEPT_PLANS

@@ -244,18 +244,12 @@ class Engine:
             self._prefill_heads(heads)
             hits = [hit if hit[0] else self.prefixes.lookup(row.adapter, row.prompt) for row, hit in zip(rows, hits)]
         prefix = max(n for n, _ in hits)
-        width = max(len(row.prompt) - n for row, (n, _) in zip(rows, hits))
-        ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
-        mask = torch.zeros((len(rows), prefix + width), dtype=torch.long)
-        starts = torch.zeros((len(rows), 1), dtype=torch.long)
-        for i, (row, (n, _)) in enumerate(zip(rows, hits)):
-            rest = row.prompt[n:]
-            ids[i, width - len(rest):] = torch.tensor(rest)
-            mask[i, prefix - n: prefix] = 1
-            mask[i, prefix + width - len(rest):] = 1
-            starts[i] = n
-        ids, mask, starts = ids.to(self.device), mask.to(self.device), starts.to(self.device)
-        positions = (starts + mask[:, prefix:].cumsum(1) - 1).clamp(min=0)   # (rows, width): padding sits low
+        ids, rest_mask = self._left_padded([row.prompt[n:] for row, (n, _) in zip(rows, hits)])  # (rows, width)
+        width = ids.shape[1]
+        kept = torch.tensor([[j >= prefix - n for j in range(prefix)] for n, _ in hits], dtype=torch.long)
+        mask = torch.cat([kept.view(len(rows), prefix).to(self.device), rest_mask], dim=1)  # (rows, prefix + width)
+        starts = torch.tensor([[n] for n, _ in hits], device=self.device)
+        positions = (starts + rest_mask.cumsum(1) - 1).clamp(min=0)   # (rows, width): padding sits low
         cache = DynamicCache(config=self.model.config)
         if prefix:
             like = next(kv for n, kv in hits if n)                       # a row without a hit gets zeros
@@ -279,13 +273,8 @@ class Engine:
         from transformers import DynamicCache
 
         rows = [Row(tokens, adapter=adapter) for adapter, tokens in heads]
-        width = max(len(row.prompt) for row in rows)
-        ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row.prompt):] = torch.tensor(row.prompt)
-            mask[i, width - len(row.prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = self._left_padded([row.prompt for row in rows])
+        width = ids.shape[1]
         cache = DynamicCache(config=self.model.config)
         self._forward(rows, ids, mask, (mask.cumsum(1) - 1).clamp(min=0), cache)
         for i, row in enumerate(rows):
@@ -406,6 +395,16 @@ class Engine:
             self._mask = self._mask[:, first:]
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+    def _left_padded(self, seqs: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """Token lists as left-padded ids and their mask, (len(seqs), longest) each, on the device."""
+        width = max(len(seq) for seq in seqs)
+        ids = torch.full((len(seqs), width), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            ids[i, width - len(seq):] = torch.tensor(seq)
+            mask[i, width - len(seq):] = 1
+        return ids.to(self.device), mask.to(self.device)
 
     def _pad_id(self) -> int:
         pad = getattr(self.tokenizer, "pad_token_id", None)

@@ -67,6 +67,9 @@ class Grouping:
     """Row j is slot j's only row, every slot has one: the rows are already grouped."""
 
 
+KEPT_PLANS = 8  # adapter sets whose plans a per_row block keeps (a plan may hold copies of factors)
+
+
 @dataclass
 class _Prepared:
     """Shared by the routings of one per_row block (`Routing.regroup`)."""
@@ -74,7 +77,7 @@ class _Prepared:
     devices: dict[nn.Module, torch.device | None]
     """Each LoRA module (and ModulesToSave wrapper) and where it computes."""
     plans: dict[tuple[str, ...], dict[nn.Module, LinearPlan]] = field(default_factory=dict)
-    """Per sorted set of adapters used: each LoRA linear's plan."""
+    """Per sorted set of adapters used: each LoRA linear's plan (the KEPT_PLANS most recently used)."""
 
 
 class Routing:
@@ -97,10 +100,12 @@ class Routing:
         self._groups: dict[torch.device, list[tuple[str, Tensor]]] = {}
         for device in dict.fromkeys(d for d in prepared.devices.values() if d is not None):
             self._groups[device] = self._index(device)
-        plans = prepared.plans.get(tuple(self.adapters))
+        plans = prepared.plans.pop(tuple(self.adapters), None)
         if plans is None:
-            plans = prepared.plans[tuple(self.adapters)] = {
-                m: linear_plan(m, self.adapters, trusted) for m in prepared.devices if isinstance(m, LoraLinear)}
+            plans = {m: linear_plan(m, self.adapters, trusted) for m in prepared.devices if isinstance(m, LoraLinear)}
+        prepared.plans[tuple(self.adapters)] = plans                      # the most recently used last
+        while len(prepared.plans) > KEPT_PLANS:                           # a long-lived block: bounded
+            prepared.plans.pop(next(iter(prepared.plans)))
         self._plans: dict[nn.Module, LinearPlan] = plans
         self._groupings: dict[tuple[tuple[str, ...], torch.device], Grouping] = {}
         for plan in plans.values():
