@@ -195,6 +195,7 @@ def test_a_reloaded_adapter_is_never_served_its_old_prefixes(make, disk, oracle)
         assert chat(client, "again").json()["choices"][0]["message"]["content"] == oracle.text("a", CHAT, 6)
     reused = engine.reused_tokens
     assert reused > 0                                                # the second request reused the first's prompt
+    assert f"lorakit_prefix_cache_tokens_total {float(reused)}" in client.get("/metrics").text
     client.post("/v1/unload_lora_adapter", json={"lora_name": "again"})
     client.post("/v1/load_lora_adapter", json={"lora_name": "again", "lora_path": str(disk["b"])})
     assert chat(client, "again").json()["choices"][0]["message"]["content"] == oracle.text("b", CHAT, 6)

@@ -13,6 +13,8 @@ class Metrics:
         self.requests = Counter("lorakit_requests", "Generation requests finished, by finish_reason "
                                 "(stop, length, cancelled, error)", ["finish_reason"], registry=r)
         self.prompt_tokens = Counter("lorakit_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.prefix_cache_tokens = Counter("lorakit_prefix_cache_tokens", "Prompt tokens whose keys/values came "
+                                           "from the prefix cache instead of being computed", registry=r)
         self.generation_tokens = Counter("lorakit_generation_tokens", "Tokens generated", registry=r)
         self.running = Gauge("lorakit_running_rows", "Rows in the running batch", registry=r)
         self.waiting = Gauge("lorakit_waiting_rows", "Rows waiting for a place in the batch or for their adapter",

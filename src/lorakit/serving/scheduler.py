@@ -163,11 +163,13 @@ class Scheduler:
     def _step(self) -> None:
         self.metrics.batch_size.observe(min(len(self.engine.running) + len(self.engine.waiting),
                                             self.engine.max_batch_size))
+        reused = self.engine.reused_tokens
         try:
             changed = self.engine.step()
         except Exception as e:  # e.g. out of memory: fail the rows in the batch, keep the server up
             log.exception("engine step failed")
             changed = self.engine.abort(f"generation failed: {type(e).__name__}: {e}")
+        self.metrics.prefix_cache_tokens.inc(self.engine.reused_tokens - reused)   # before anyone hears back
         for row in changed:
             ticket = self.tickets.get(row)
             if ticket is not None:
