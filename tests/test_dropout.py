@@ -1,8 +1,9 @@
 """Dropout on the LoRA branch (lorakit/dropout.py, `lorakit.shared_dropout`).
 
-- inverted, with probability p (on the CPU: p to 16 bits, the scale following it), the same
-  distribution as PEFT's nn.Dropout;
-- a mask is a seed: drawn again in backward (nothing mask-sized kept), replayed by checkpointing;
+- inverted, with probability p, the same distribution as PEFT's nn.Dropout (on the CPU drawn as
+  the dropped positions, geometric gaps: tested to be i.i.d. Bernoulli(p));
+- a mask comes from a seed, replayed by checkpointing; on the CPU its positions are kept for
+  backward (nothing mask-sized), elsewhere it is drawn again;
 - inside `shared_dropout` the branches reading one input tensor share a mask, outside every layer
   draws its own; either way values and gradients equal the plain formula with the masks drawn.
 """
@@ -19,7 +20,7 @@ from torch.testing import assert_close
 
 import lorakit
 from lorakit import LoraConfig
-from lorakit.dropout import DropoutDraws, drop_rate, keep_mask
+from lorakit.dropout import DropoutDraws, drop_positions, drop_rate, keep_mask
 from lorakit.state import require_state
 from tiny import randomize_adapters, wrap
 
@@ -192,32 +193,58 @@ def test_dropout_replays_under_checkpointing(shared):
 
 def test_keep_mask_probability_is_exact_at_the_ends():
     assert keep_mask((1000,), 0.0, torch.device("cpu")).all()
+    assert not keep_mask((1000,), 1.0, torch.device("cpu")).any()
     gen = torch.Generator().manual_seed(0)
     m = keep_mask((200_000,), 0.25, torch.device("cpu"), gen)
     assert abs((~m).float().mean().item() - 0.25) < 5 * (0.25 * 0.75 / 200_000) ** 0.5
     again = keep_mask((200_000,), 0.25, torch.device("cpu"), torch.Generator().manual_seed(0))
-    assert torch.equal(m, again)                                  # a seed is a mask: backward relies on it
+    assert torch.equal(m, again)                                  # a seed is a mask: checkpointing's replay relies on it
 
 
-def test_cpu_drop_rate_is_p_rounded_to_16_bits_and_the_scale_follows_it():
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9])
+def test_drop_positions_are_independent_bernoulli_p(p):
+    """Geometric gaps give i.i.d. Bernoulli(p) drops: the rate, the runs between drops, and
+    neighbouring elements uncorrelated, all within 5 standard deviations."""
+    n = 400_000
+    pos = drop_positions(n, p, torch.Generator().manual_seed(3))
+    assert pos.dtype == torch.int64 and bool((pos[1:] > pos[:-1]).all()) and 0 <= int(pos[0]) and int(pos[-1]) < n
+    dropped = torch.zeros(n, dtype=torch.float64)
+    dropped[pos] = 1
+    assert abs(dropped.mean().item() - p) < 5 * (p * (1 - p) / n) ** 0.5
+    both = (dropped[1:] * dropped[:-1]).mean().item()             # P(two neighbours dropped) = p²
+    assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5
+    gaps = torch.diff(pos).double()                               # geometric: mean 1/p
+    assert abs(gaps.mean().item() - 1 / p) < 5 * ((1 - p) / p**2 / len(gaps)) ** 0.5
+
+
+def test_drop_positions_in_several_rounds_of_gaps(monkeypatch):
+    """When one round of gaps falls short of n (rare), further rounds continue from the last drop."""
+    from lorakit import dropout as droplib
+
+    monkeypatch.setattr(droplib, "GAP_SIGMAS", -40)              # rounds far too short: many of them
+    n, p = 100_000, 0.1
+    pos = drop_positions(n, p, torch.Generator().manual_seed(2))
+    assert bool((torch.diff(pos) > 0).all()) and int(pos[-1]) < n and int(pos[-1]) > n - 200
+    assert abs(len(pos) / n - p) < 5 * (p * (1 - p) / n) ** 0.5
+
+
+def test_cpu_drop_rate_is_p_and_the_scale_follows_it():
     cpu = torch.device("cpu")
-    assert drop_rate(0.05, cpu) == 3277 / 65536                  # |0.05 - rate| < 2**-17
-    assert drop_rate(0.25, cpu) == 0.25
-    assert drop_rate(0.0, cpu) == 0.0
+    assert drop_rate(0.05, cpu) == 0.05
     gen = torch.Generator().manual_seed(1)
     m = keep_mask((400_000,), 0.05, cpu, gen, dtype=torch.float32)
     assert set(m.unique().tolist()) == {0.0, 1.0}
     for dtype in (torch.bool, torch.bfloat16, torch.float16):          # the same draw in every dtype
         same = keep_mask((400_000,), 0.05, cpu, torch.Generator().manual_seed(1), dtype=dtype)
         assert torch.equal(same.float(), m)
-    assert abs(1 - m.mean().item() - 3277 / 65536) < 5 * (0.05 * 0.95 / 400_000) ** 0.5
-    # identity branch, W = 0: the output is s/(1 - rate) · x ⊙ mask, i.e. exactly 0 or x / (1 - rate)
+    assert abs(1 - m.mean().item() - 0.05) < 5 * (0.05 * 0.95 / 400_000) ** 0.5
+    # identity branch, W = 0: the output is s/(1 - p) · x ⊙ mask, i.e. exactly 0 or x / (1 - p)
     model = identity_branch(0.05)
     x = torch.ones(512, 16)
     y = model(x)
     values = y.detach().unique()
     assert len(values) == 2 and values[0] == 0.0
-    assert values[1].item() == pytest.approx(1 / (1 - 3277 / 65536), rel=1e-6)
+    assert values[1].item() == pytest.approx(1 / (1 - 0.05), rel=1e-6)
 
 
 def test_plain_dropout_formula_matches_f_dropout_statistics():

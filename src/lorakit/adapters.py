@@ -150,8 +150,8 @@ def shared_dropout(model: nn.Module) -> Iterator[nn.Module]:
     inside this block their LoRA branches take the same draw: each still sees inverted dropout of
     its input with probability p, but the masked input is built once for all of them, in forward
     and again in backward (faster; PEFT draws one mask per module). Outside it every layer draws
-    its own mask, as PEFT. Masks stay reproducible either way: a draw is a seed from torch's
-    generator, drawn again in backward and replayed by activation checkpointing.
+    its own mask, as PEFT. Masks stay reproducible either way: a draw comes from a seed from
+    torch's generator, which activation checkpointing replays.
 
     Use one block per forward + backward, as the trainer does for each micro-batch::
 

@@ -7,7 +7,7 @@ formula and with PEFT. `lora_linear` picks the path:
 | path                                    | when                                              | why |
 |-----------------------------------------|---------------------------------------------------|-----|
 | fused `LoraLinearFunction`              | autograd on; the base is exactly nn.Linear or      | one autograd node keeps only x and xAᵀ (N, r); the |
-|                                         | Conv1D with a frozen weight                       | mask is re-drawn in backward; branches added in place |
+|                                         | Conv1D with a frozen weight                       | mask's positions (CPU) or seed; branches in place |
 | `LoraDeltaFunction`                     | autograd on; any other base (quantized, a         | the base runs as itself; the branches are added into |
 |                                         | subclass, a trainable weight)                     | its output in place, same backward as the fused path |
 | folded W' (`folded_linear`)             | no autograd, no dropout, exact base, float32,     | one pass over W' = W + Σ s·B·A instead of two over |
@@ -27,12 +27,13 @@ The fused linear, forward and backward:
 Autograd on the plain formula keeps, per module, a dropped-out copy of x (N, k) in float, its
 float mask, and a fresh (N, d) tensor for every ``+`` and ``*``. This function keeps only what
 backward needs: x itself (shared with whatever produced it) and xa (N, r); a dropout mask is
-kept as a seed (`dropout.DropoutDraw`) and drawn again in backward. With g = dL/dy (N, d):
+kept as its dropped positions on the CPU (~p·N·k indices) or as a seed elsewhere
+(`dropout.DropoutDraw`). With g = dL/dy (N, d):
 
     gxa   = s' g B                       (N, r)
-    dL/dA = gxaᵀ xm                      (r, k)     xm rebuilt from x and the re-drawn mask
+    dL/dA = gxaᵀ xm                      (r, k)     xm rebuilt from x and the mask
     dL/dB = s' gᵀ xa                     (d, r)     computed as (xaᵀ g)ᵀ, the faster layout
-    dL/dx = g W + mask ⊙ (gxa A)         one (N, k) tensor, accumulated in place (addmm_ / addcmul_)
+    dL/dx = g W + mask ⊙ (gxa A)         one (N, k) tensor, accumulated in place
     dL/db = Σ_rows g                     (only when the base bias is trainable)
 
 Which branches share a mask is `dropout.py`'s business (`lorakit.shared_dropout`).
@@ -208,7 +209,7 @@ def _lora_backward(ctx, g: Tensor, xf: Tensor, factors, xas, gx: Tensor | None,
                 lora_gx.addmm_(gxa, a)
         grads += [grad_a, grad_b]
     if lora_gx is not None:
-        gx.addcmul_(lora_gx, drop.mask(lora_gx.dtype))
+        gx.add_(drop.zero_dropped_(lora_gx))
     if drop is not None:
         drop.done()
     return grads
