@@ -60,14 +60,33 @@ def test_shared_prefix_by_hand(monkeypatch):
     assert shared_prefix(same) == 14                   # every row keeps at least one token after the prefix
     packed = dict(batch_with_prefix(), position_ids=torch.zeros(3, 16, dtype=torch.long))
     assert shared_prefix(packed) == 0
+    left = batch_with_prefix()
+    left["attention_mask"] = left["attention_mask"].flip(1)   # left padding: the rows' tokens are not where the prefix is
+    assert shared_prefix(left) == 0
+
+
+def qwen2(window: int | None = None):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      use_sliding_window=window is not None, sliding_window=window, pad_token_id=0)
+    model = Qwen2ForCausalLM(cfg).train()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    randomize_lora(model, std=0.2)
+    return model
 
 
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_prefix_run_once_equals_one_pass(tied, attn, monkeypatch):
+@pytest.mark.parametrize("lengths", [(16, 14, 15), (16, 11, 14, 16, 15)])  # 11: a row of one token after the prefix
+def test_prefix_run_once_equals_one_pass(tied, attn, lengths, monkeypatch):
     model = llama(tied)
     model.config._attn_implementation = attn
-    batch = batch_with_prefix()
+    batch = batch_with_prefix(lengths=lengths)
+    if 11 in lengths:                                  # its one token after the prefix is predicted by the prefix
+        batch["labels"][lengths.index(11)] = -100
 
     def run():
         model.zero_grad(set_to_none=True)
@@ -88,6 +107,53 @@ def test_prefix_run_once_equals_one_pass(tied, attn, monkeypatch):
     assert g_shared.keys() == g_whole.keys() and len(g_whole) == 28
     for name in g_whole:
         torch.testing.assert_close(g_shared[name], g_whole[name], rtol=1e-5, atol=1e-5)
+    assert model.config._attn_implementation == attn                  # the model's own attention is back
+
+
+def test_qwen2_rows_in_one_sequence_equal_the_padded_pass(monkeypatch):
+    """Grouped-query attention (4 heads, 2 kv heads), 3 layers, rows of uneven length."""
+    model = qwen2()
+    batch = batch_with_prefix(lengths=(16, 14, 15, 13))
+    assert can_share(model, 16) and shared_prefix(batch) == 9
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = loss_sum(model, "causal_lm", batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    shared, g_shared = run()
+    monkeypatch.setattr("lorakit.training.loss.shared_prefix", lambda b: 0)
+    whole, g_whole = run()
+    torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-5)
+    assert g_shared.keys() == g_whole.keys() and len(g_whole) == 3 * 7 * 2
+    for name in g_whole:
+        torch.testing.assert_close(g_shared[name], g_whole[name], rtol=1e-5, atol=1e-5)
+
+
+def test_a_sliding_window_shorter_than_the_batch_turns_sharing_off():
+    assert can_share(qwen2(window=32), 16)
+    assert not can_share(qwen2(window=8), 16)
+
+
+def test_rows_attention_refuses_to_run_outside_its_layout():
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="only inside lorakit's prefix_forward"):
+        prefixlib.rows_attention(None, q, q, q, None)
+
+
+def test_a_model_that_does_not_dispatch_attention_by_name_is_refused(monkeypatch):
+    """If attention never reaches rows_attention, the rows would attend to each other: refuse."""
+    model = llama(tied=True)
+    batch = batch_with_prefix()
+    monkeypatch.setattr(prefixlib, "_register", lambda: None)              # transformers never learns the name
+    monkeypatch.setattr(prefixlib, "_registered", set())
+    from transformers import AttentionInterface
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, prefixlib.ATTENTION,
+                        AttentionInterface._global_mapping["sdpa"])      # a plain sdpa under our name
+    with pytest.raises(RuntimeError, match="0 of 2 attention layers"):
+        loss_sum(model, "causal_lm", batch)
 
 
 def test_activation_checkpointing_turns_sharing_off():

@@ -9,7 +9,8 @@ chunk (`LinearCrossEntropy`), so no (tokens, vocab) logits tensor ever exists:
     input_ids ─► backbone ─► h (b, t, H) ─► h[:, :-1][labels[:, 1:] != -100] ─► hs (n, H)
     hs ─► for each chunk of rows: z = hs_c Wᵀ (c, V) ─► logsumexp, z[target] ─► Σ loss
 
-A prompt prefix that every row of the batch shares runs through the backbone once (prefix.py).
+A prompt prefix that every row of the batch shares runs through the backbone once, and the rows
+after it without padding (prefix.py).
 
 Anything else (seq2seq, seq_cls, a head with a LoRA adapter, a trainable or wrapped head, an
 unknown architecture, a model wrapped by DDP/FSDP or with hooks on its forward) takes the plain
@@ -55,12 +56,13 @@ def loss_sum(model: nn.Module, task: str, batch: dict[str, Tensor]) -> Tensor:
         logits = model(**inputs).logits[:, :-1]                              # predict token t+1 from <= t
         return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
     backbone, head = parts
-    p = shared_prefix(batch) if can_share(model) else 0                      # prefix.py: run it once
-    hidden = (prefix_forward(backbone, inputs, p) if p                       # (b, t - p, H)
-              else backbone(**inputs).last_hidden_state)
-    targets = labels[:, p + 1:]
-    keep = targets != IGNORE_INDEX                                           # (b, t - p - 1)
-    return LinearCrossEntropy.apply(hidden[:, :-1][keep], head.weight, targets[keep])
+    p = shared_prefix(batch) if can_share(model, labels.shape[1]) else 0   # prefix.py: run it once
+    if p:
+        hidden, targets = prefix_forward(backbone, batch, p)                 # (n, H), (n,): rows packed
+    else:
+        hidden, targets = backbone(**inputs).last_hidden_state[:, :-1], labels[:, 1:]  # (b, t - 1, H)
+    keep = targets != IGNORE_INDEX
+    return LinearCrossEntropy.apply(hidden[keep], head.weight, targets[keep])
 
 
 def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
