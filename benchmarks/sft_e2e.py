@@ -8,7 +8,8 @@ scored by ONE evaluator (lorakit's greedy exact match on held-out rows, the same
 
 Settings (both tools): the embedded SmolLM2-135M-Instruct, LoRA r=16, alpha=32, dropout 0.05 on
 all linear layers, AdamW lr 1e-3, 10 warmup steps then linear decay, batch 8, 120 steps, max
-length 256, loss on the answer only, seed 0, gradient checkpointing off. Data: `sft_data.py`
+length 256, loss on the answer only, seed 0 (`--seeds 0 1 2`: several, exact match averaged; one
+seed's adapters differ by a few points of exact match from another's), gradient checkpointing off. Data: `sft_data.py`
 (3,000 short instructions with short answers, ~55 tokens a row, ~12 of them the answer).
 TRL reads the same rows as conversational prompt/completion pairs (its completion-only loss).
 
@@ -56,6 +57,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--test-rows", type=int, default=300, help="held-out rows to generate")
     p.add_argument("--eval-rows", type=int, default=200, help="held-out rows scored by exact match")
     p.add_argument("--rounds", type=int, default=2, help="runs of each tool and setting, alternating")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="training seeds (init, data order, dropout) of both tools; exact match is averaged over them")
     p.add_argument("--only", choices=["fp32", "best"], default=None, help="run only these rows")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS of both tools' processes (default: torch's own, all cores)")
@@ -69,18 +72,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------- the runs
-def lorakit_cmd(args: argparse.Namespace, data: Path, out: Path, precision: str) -> list[str]:
+def lorakit_cmd(args: argparse.Namespace, data: Path, out: Path, precision: str, seed: int = 0) -> list[str]:
     return [sys.executable, "-m", "lorakit", "sft", "--model", args.model, "--dataset", str(data / "train.jsonl"),
             "--output-dir", str(out), "--lora-rank", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"]),
             "--lora-dropout", str(LORA["dropout"]), "--target-modules", "all-linear",
             "--learning-rate", str(args.lr), "--lr-scheduler", "linear",
             "--warmup-steps", str(min(WARMUP_STEPS, args.steps - 1)),
             "--batch-size", str(args.batch_size), "--max-steps", str(args.steps), "--max-length", str(args.max_length),
-            "--seed", "0", "--logging-steps", "1", "--gradient-checkpointing", "false", "--precision", precision]
+            "--seed", str(seed), "--logging-steps", "1", "--gradient-checkpointing", "false", "--precision", precision]
 
 
-def trl_cmd(args: argparse.Namespace, data: Path, out: Path, bf16: bool) -> list[str]:
+def trl_cmd(args: argparse.Namespace, data: Path, out: Path, bf16: bool, seed: int = 0) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-trl", "--data", str(data), "--out", str(out),
+           "--seeds", str(seed),
            "--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--max-length", str(args.max_length), "--lr", str(args.lr)]
     return cmd + (["--bf16"] if bf16 else [])
@@ -130,7 +134,7 @@ def trl_child(args: argparse.Namespace) -> int:
         gradient_accumulation_steps=1, learning_rate=args.lr, lr_scheduler_type="linear",
         warmup_steps=min(WARMUP_STEPS, args.steps - 1), weight_decay=0.0, max_grad_norm=1.0, max_length=args.max_length,
         completion_only_loss=True, packing=False, gradient_checkpointing=False, bf16=args.bf16, fp16=False,
-        use_cpu=not torch.cuda.is_available(), seed=0, data_seed=0, logging_steps=1, save_strategy="no",
+        use_cpu=not torch.cuda.is_available(), seed=args.seeds[0], data_seed=args.seeds[0], logging_steps=1, save_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=0,
     )
     peft_cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
@@ -202,17 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     if not todo:
         raise SystemExit("--only best: this hardware has no native bf16, so the best setting is float32")
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in todo}
-    for rnd in range(args.rounds):
-        for label, tool, precision in todo:
-            out = work / f"{label.split()[0].replace('+', '_')}-{precision}-r{rnd}"
-            cmd = (lorakit_cmd(args, data, out, precision) if tool == "lorakit"
-                   else trl_cmd(args, data, out, precision == "bf16"))
-            wall, rss = run_child(cmd, work / f"{out.name}.log", args.threads)
-            res = (lorakit_result(out) if tool == "lorakit"
-                   else json.loads((work / f"{out.name}.log").read_text().strip().splitlines()[-1]))
-            runs[label].append({"wall_s": wall, "peak_rss_mb": rss, "out": str(out), **res})
-            print(f"round {rnd + 1}/{args.rounds} {label}: {wall:.1f} s, peak RSS {rss:.0f} MB, "
-                  f"train {res['train_s']:.1f} s, load {load_avg()}", flush=True)
+    for seed in args.seeds:
+        for rnd in range(args.rounds):
+            for label, tool, precision in todo:
+                out = work / f"{label.split()[0].replace('+', '_')}-{precision}-s{seed}-r{rnd}"
+                cmd = (lorakit_cmd(args, data, out, precision, seed) if tool == "lorakit"
+                       else trl_cmd(args, data, out, precision == "bf16", seed))
+                wall, rss = run_child(cmd, work / f"{out.name}.log", args.threads)
+                res = (lorakit_result(out) if tool == "lorakit"
+                       else json.loads((work / f"{out.name}.log").read_text().strip().splitlines()[-1]))
+                runs[label].append({"wall_s": wall, "peak_rss_mb": rss, "out": str(out), "seed": seed, **res})
+                print(f"seed {seed} round {rnd + 1}/{args.rounds} {label}: {wall:.1f} s, peak RSS {rss:.0f} MB, "
+                      f"train {res['train_s']:.1f} s, load {load_avg()}", flush=True)
     per_row = tokens_per_row(args.model, data / "train.jsonl", args.max_length)
     print(report(args, runs, per_row, data))
     if args.json:
@@ -222,19 +227,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args: argparse.Namespace, runs: dict[str, list[dict]], per_row: float, data: Path) -> str:
     tokens = args.steps * args.batch_size * per_row  # input tokens (padding excluded) a run trains on
-    rows, em = [], {}
+    rows, em, per_seed = [], {}, []
     for label, rs in runs.items():
-        em[label], held_out = score(args.model, Path(rs[-1]["out"]), data / "test.jsonl", args.eval_rows)
+        # rounds of one seed train the same adapter: score each seed's last, average over seeds
+        last = {r["seed"]: r for r in rs}
+        scores = {seed: score(args.model, Path(r["out"]), data / "test.jsonl", args.eval_rows) for seed, r in last.items()}
+        em[label] = statistics.mean(e for e, _ in scores.values())
+        held_out = statistics.mean(h for _, h in scores.values())
+        per_seed.append(f"- {label}, exact match by seed: "
+                        + ", ".join(f"{seed}: {e:.1%} (held-out loss {h:.4f})" for seed, (e, h) in scores.items()))
         wall, train = med([r["wall_s"] for r in rs]), med([r["train_s"] for r in rs])
-        loss = statistics.mean(rs[-1]["losses"][-TAIL:])
+        loss = statistics.mean(statistics.mean(r["losses"][-TAIL:]) for r in last.values())
         rows.append([label, f"{wall:.1f}", f"{train:.1f}", f"{train / args.steps:.2f}", f"{tokens / train:.0f}",
                      f"{med([r['peak_rss_mb'] for r in rs]):.0f}", f"{loss:.4f}", f"{held_out:.4f}", f"{em[label]:.1%}"])
-    lines = [f"## lorakit sft vs TRL SFTTrainer + PEFT, end to end\n",
+    lines = ["## lorakit sft vs TRL SFTTrainer + PEFT, end to end\n",
              f"torch {torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, load average "
              f"{load_avg()}; {args.steps} steps of batch {args.batch_size}, {args.rows} rows (~{per_row:.0f} tokens "
-             f"a row), {args.rounds} rounds, exact match on {args.eval_rows} held-out rows\n",
+             f"a row), {args.rounds} rounds of seeds {', '.join(map(str, args.seeds))}, exact match on {args.eval_rows} "
+             f"held-out rows (mean over seeds)\n",
              table(["run", "wall s", "train s", "s/step", "tokens/s", "peak RSS MB", f"train loss (last {TAIL})",
-                    "held-out loss", "exact match"], rows), ""]
+                    "held-out loss", "exact match"], rows), "", *per_seed, ""]
     pairs = [("lorakit fp32", "TRL+PEFT fp32", 0.5), ("lorakit bf16", "TRL+PEFT bf16=True", 0.6)]
     for ours, theirs, target in pairs:
         if ours in runs and theirs in runs:

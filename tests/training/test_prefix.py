@@ -131,6 +131,13 @@ def test_qwen2_rows_in_one_sequence_equal_the_padded_pass(monkeypatch):
         torch.testing.assert_close(g_shared[name], g_whole[name], rtol=1e-5, atol=1e-5)
 
 
+def test_an_older_transformers_without_attention_by_name_turns_sharing_off(monkeypatch):
+    model = llama(tied=True)
+    assert can_share(model)
+    monkeypatch.setattr(prefixlib, "_dispatches_by_name", lambda: False)
+    assert not can_share(model)
+
+
 def test_a_sliding_window_shorter_than_the_batch_turns_sharing_off():
     assert can_share(qwen2(window=32), 16)
     assert not can_share(qwen2(window=8), 16)

@@ -18,7 +18,7 @@ gradient), with (b - 1)·P fewer tokens and no padding through every layer: on s
 chat rows (batch 8), a forward + backward takes 0.78x the time of this module's first design,
 which ran the prefix as a separate 1-row pass and the padded suffixes reading its KV cache.
 
-Used for architectures whose attention transformers dispatches by name (`ROW_MODEL_TYPES`),
+Used for architectures whose attention transformers (>= 4.53) dispatches by name (`ROW_MODEL_TYPES`),
 when the prefix holds no label, P >= MIN_PREFIX, no sliding window is shorter than the batch,
 activation checkpointing is off (it would re-run attention outside this layout) and no
 `per_row` routing is on, and only on the CPU (`SHARE_ON`: a CPU step is bound by arithmetic;
@@ -29,6 +29,7 @@ one per row: each row still sees dropout with probability p there.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -77,6 +78,8 @@ def can_share(model: nn.Module, length: int = 0) -> bool:
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in ROW_MODEL_TYPES or getattr(config, "is_encoder_decoder", False):
         return False
+    if not _dispatches_by_name():
+        return False
     window = getattr(config, "sliding_window", None)
     if isinstance(window, int) and window < length:
         return False
@@ -122,6 +125,18 @@ def rows_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                                           enable_gqa=gqa)                                    # (b, H, L, D)
     out = torch.cat([head[0].transpose(0, 1), rows.transpose(1, 2)[lay.valid]])             # (N, H, D)
     return out.unsqueeze(0), None
+
+
+@functools.cache
+def _dispatches_by_name() -> bool:
+    """transformers >= 4.53: attention picked by name (`AttentionInterface`) and masks built by
+    `masking_utils`, which builds none for an attention function it does not know."""
+    try:
+        from transformers import AttentionInterface  # noqa: F401
+        from transformers.masking_utils import create_causal_mask  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _register() -> None:
