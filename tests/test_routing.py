@@ -24,6 +24,15 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 ROWS = ["a3", None, "a0", "a4", "a1", "a3", "a2", None]
 
 
+def assert_per_row_matches_single_runs(model, rows, x, reset):
+    """Logits of x under per_row(rows) equal each row run alone with its own adapter."""
+    with torch.no_grad():
+        with lorakit.per_row(model, rows):
+            mixed = model(x).logits
+        alone = single_runs(model, x, rows, lambda xi: model(xi).logits, reset=reset)
+    assert_close(mixed, alone, atol=1e-5, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def many():
     """tiny Llama with five adapters of different ranks on all projections (one misses k_proj)."""
@@ -155,12 +164,7 @@ def test_per_row_on_gpt2_conv1d_matches_single_runs():
     randomize_adapters(model, std=0.3)
     model.eval()
     rows = ["g2", None, "g0", "g1"]
-    x = ids(len(rows), 6, seed=4)
-    with torch.no_grad():
-        with lorakit.per_row(model, rows):
-            mixed = model(x).logits
-        alone = single_runs(model, x, rows, lambda xi: model(xi).logits, reset="g0")
-    assert_close(mixed, alone, atol=1e-5, rtol=1e-5)
+    assert_per_row_matches_single_runs(model, rows, ids(len(rows), 6, seed=4), reset="g0")
 
 
 def test_rows_repeated_m_times_use_the_same_routing(many):
@@ -228,12 +232,7 @@ def test_a_row_whose_adapter_a_layer_lacks_gets_no_other_adapters_term(length):
     randomize_adapters(model, std=0.3)
     model.eval()
     for rows in (["y", "z"], ["z", "y"], ["y", "x"], ["z", "z"]):
-        x = ids(len(rows), length, seed=12)
-        with torch.no_grad():
-            with lorakit.per_row(model, rows):
-                mixed = model(x).logits
-            alone = single_runs(model, x, rows, lambda xi: model(xi).logits, reset="x")
-        assert_close(mixed, alone, atol=1e-5, rtol=1e-5)
+        assert_per_row_matches_single_runs(model, rows, ids(len(rows), length, seed=12), reset="x")
 
 
 def test_a_long_per_row_block_keeps_the_plans_of_few_adapter_sets(many):
